@@ -1,0 +1,3 @@
+from traice.cli import main
+
+main()
