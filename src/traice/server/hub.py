@@ -1,0 +1,237 @@
+"""The server's core: one writer that batches reports into the store, and the dashboard stream.
+
+All writes go through one thread, in batches: a burst of samples from many workers becomes
+one transaction, SQLite never sees two writers, and a dashboard hears of a change only once
+it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from ..protocol import Bye, Command, CommandAck, Hello, Round, Sample
+from ..store.base import Event, Op, Session, Store, StoreError
+
+log = logging.getLogger("traice.server")
+
+MAX_BATCH = 1000
+DASHBOARD_QUEUE = 10_000
+
+
+class Hub:
+    """Owns the store's writer and the set of dashboard listeners."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[None]]] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="traice-writer")
+        self._task: asyncio.Task[None] | None = None
+        self._dashboards: set[asyncio.Queue[str]] = set()
+        # run_id -> node_id -> (role, send): the live worker sockets, to deliver commands
+        self._peers: dict[int, dict[str, tuple[str, Callable[[Command], Awaitable[None]]]]] = {}
+        self._armed_runs: set[int] = set()  # runs with rules that have not fired yet
+        self.batches_written = 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._armed_runs = await self._in_writer(self.store.runs_with_armed_rules)
+        self._task = asyncio.create_task(self._write_loop(), name="traice-writer")
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self._queue is not None and self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- workers
+
+    async def _in_writer(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self, hello: Hello) -> Session:
+        session, events = await self._in_writer(self.store.open, hello)
+        self.publish(events)
+        return session
+
+    async def disconnect(self, session: Session) -> None:
+        try:
+            self.publish(await self._in_writer(self.store.disconnect, session))
+        except Exception:
+            log.exception("could not mark %s offline", session.node_id)
+
+    def submit(self, session: Session, message: Sample | Round | Bye) -> asyncio.Future[None]:
+        """Queue a validated message; the future resolves once it is stored (or refused)."""
+        assert self._queue is not None, "hub not started"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(((session, message), future))
+        return future
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
+        ops = [op for op, _ in batch]
+        delay = 0.1
+        while True:
+            try:
+                events = await self._in_writer(self.store.apply, ops)
+                break
+            except (OperationalError, DBAPIError) as exc:
+                if not _is_outage(exc):
+                    await self._write_one_by_one(batch)
+                    return
+                # The database is away: keep the batch (workers have no ack yet) and retry.
+                log.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                await self._write_one_by_one(batch)
+                return
+        self.batches_written += 1
+        self.publish(events)
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+        await self._check_rules({session.run_id for session, _ in ops})
+
+    async def _write_one_by_one(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
+        # One bad op must not sink the others: store each alone, refuse only the bad one.
+        for op, future in batch:
+            try:
+                self.publish(await self._in_writer(self.store.apply, [op]))
+            except Exception as exc:
+                log.warning("store refused a %s from %s: %s", op[1].type, op[0].node_id, exc)
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            if not future.done():
+                future.set_result(None)
+
+    # ---------------------------------------------------------------- run control
+
+    def attach(self, session: Session, send: Callable[[Command], Awaitable[None]]) -> None:
+        self._peers.setdefault(session.run_id, {})[session.node_id] = (session.role, send)
+
+    def detach(self, session: Session, send: Callable[[Command], Awaitable[None]]) -> None:
+        peers = self._peers.get(session.run_id, {})
+        if peers.get(session.node_id, (None, None))[1] == send:  # not a newer socket of the same node
+            del peers[session.node_id]
+        if not peers:
+            self._peers.pop(session.run_id, None)
+
+    async def command(
+        self, run_id: int, action: str, node_id: str | None = None, source: str = "user"
+    ) -> dict[str, Any]:
+        """Record a command (or raise StoreError) and deliver it to whoever must carry it out."""
+        command, events = await self._in_writer(self.store.request_command, run_id, action, node_id, source)
+        self.publish(events)
+        await self.deliver(run_id, command)
+        return command  # type: ignore[no-any-return]
+
+    def _targets(self, run_id: int, command: dict[str, Any]) -> list[Callable[[Command], Awaitable[None]]]:
+        peers = self._peers.get(run_id, {})
+        # The FL server (Flower strategy) controls rounds and sampling; without one, workers obey.
+        servers = [send for role, send in peers.values() if role == "server"]
+        if servers:
+            return servers
+        if command["node_id"] is not None:
+            peer = peers.get(command["node_id"])
+            return [peer[1]] if peer else []
+        return [send for _, send in peers.values()]
+
+    async def deliver(self, run_id: int, command: dict[str, Any]) -> None:
+        message = Command(command_id=command["id"], action=command["action"], node_id=command["node_id"])
+        for send in self._targets(run_id, command):
+            try:
+                await send(message)
+            except Exception:  # a socket closing now gets the command again at its next hello
+                log.debug("could not deliver command %s", command["id"], exc_info=True)
+
+    async def standing_commands(self, session: Session) -> list[Command]:
+        """Commands in force that a worker joining now must obey (pause, stop, exclusions)."""
+        standing = await self._in_writer(self.store.standing_commands, session.run_id)
+        return [
+            Command(command_id=c["id"], action=c["action"], node_id=c["node_id"])
+            for c in standing
+            if session.role == "server" or c["node_id"] in (None, session.node_id)
+        ]
+
+    async def command_ack(self, session: Session, ack: CommandAck) -> None:
+        events = await self._in_writer(
+            self.store.update_command, session.run_id, ack.command_id, ack.status, ack.detail
+        )
+        self.publish(events)
+
+    async def add_rule(self, run_id: int, **rule: Any) -> dict[str, Any]:
+        created, events = await self._in_writer(lambda: self.store.add_rule(run_id, **rule))
+        self._armed_runs.add(run_id)
+        self.publish(events)
+        await self._check_rules({run_id})  # a rule may hold already
+        return created  # type: ignore[no-any-return]
+
+    async def delete_rule(self, run_id: int, rule_id: int) -> None:
+        await self._in_writer(self.store.delete_rule, run_id, rule_id)
+        self._armed_runs = await self._in_writer(self.store.runs_with_armed_rules)
+        self.publish([Event("rule", run_id, {"id": rule_id, "deleted": True})])
+
+    async def _check_rules(self, run_ids: set[int]) -> None:
+        for run_id in run_ids & self._armed_runs:
+            try:
+                fired = await self._in_writer(self.store.evaluate_rules, run_id)
+            except Exception:
+                log.exception("could not evaluate the rules of run %s", run_id)
+                continue
+            for rule in fired:
+                self.publish([Event("alert", run_id, rule)])
+                if rule["action"] in ("pause", "stop"):
+                    try:
+                        await self.command(run_id, rule["action"], source=f"rule:{rule['id']}")
+                    except StoreError as exc:  # e.g. already paused: the rule's wish holds already
+                        log.info("rule %s: %s", rule["id"], exc.message)
+            self._armed_runs = await self._in_writer(self.store.runs_with_armed_rules)
+
+    # ---------------------------------------------------------------- dashboards
+
+    def listen(self) -> asyncio.Queue[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=DASHBOARD_QUEUE)
+        self._dashboards.add(queue)
+        return queue
+
+    def unlisten(self, queue: asyncio.Queue[str]) -> None:
+        self._dashboards.discard(queue)
+
+    def publish(self, events: list[Event]) -> None:
+        if not events or not self._dashboards:
+            return
+        for event in events:
+            frame = json.dumps({"type": event.kind, "run_id": event.run_id, "data": event.data}, default=str)
+            for queue in list(self._dashboards):
+                try:
+                    queue.put_nowait(frame)
+                except asyncio.QueueFull:
+                    pass  # a stalled dashboard misses events; it reloads from REST
+
+
+def _is_outage(exc: DBAPIError) -> bool:
+    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)

@@ -1,0 +1,281 @@
+"""The SQL store: SQLite (a file, WAL, nothing to set up) or PostgreSQL, through SQLAlchemy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+
+from ..carbon import CarbonModel, zone_of
+from ..protocol import Bye, Hello, Round, Sample
+from .base import Event, Op, Session, StoreError
+from .control import ACTIVE, ControlStore
+from .models import clients, reports, runs, samples
+from .reads import ReadQueries, from_unix, iso
+from .totals import accumulate
+
+log = logging.getLogger(__name__)
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URLs people write and pick the driver: ``postgresql://`` → psycopg 3,
+    ``sqlite:///file.db`` as is, and a bare path → an SQLite file."""
+    url = url.strip()
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class SqlStore(ReadQueries, ControlStore):
+    """:class:`~traice.store.base.Store` on SQLAlchemy 2; migrates the schema on open."""
+
+    def __init__(
+        self, url: str = "sqlite:///traice.db", *, migrate: bool = True, carbon: CarbonModel | None = None
+    ) -> None:
+        self.url = normalize_database_url(url)
+        self.carbon = carbon or CarbonModel()
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _set_sqlite_pragmas)
+        if migrate:
+            from .migrate import upgrade
+
+            upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except Exception:
+            return False
+
+    # ---------------------------------------------------------------- writes
+
+    def _insert(self, table: Any) -> Any:
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        return dialect_insert(table).on_conflict_do_nothing(index_elements=["session", "seq"])
+
+    def open(self, hello: Hello) -> tuple[Session, list[Event]]:
+        now = _now()
+        events: list[Event] = []
+        with self.engine.begin() as conn:
+            if hello.run_id is not None:
+                run = conn.execute(select(runs).where(runs.c.id == hello.run_id)).mappings().first()
+                if run is None:
+                    raise StoreError("unknown_run", f"run {hello.run_id} does not exist")
+            else:
+                run = (
+                    conn.execute(
+                        select(runs)
+                        .where(runs.c.name == hello.run, runs.c.status.in_(ACTIVE))
+                        .order_by(runs.c.id.desc())
+                        .limit(1)
+                    )
+                    .mappings()
+                    .first()
+                )
+            if run is None:
+                run_id = conn.execute(
+                    insert(runs).values(
+                        name=hello.run,
+                        status="running",
+                        started_at=now,
+                        rounds_planned=hello.rounds_planned,
+                        network_kwh_per_gb=self.carbon.network_kwh_per_gb,
+                        carbon_model=self.carbon.describe(),
+                    )
+                ).inserted_primary_key[0]
+                events.append(Event("run", run_id, {"id": run_id, "name": hello.run, "status": "running"}))
+            else:
+                run_id = run["id"]
+                if hello.rounds_planned is not None and run["rounds_planned"] is None:
+                    conn.execute(update(runs).where(runs.c.id == run_id).values(rounds_planned=hello.rounds_planned))
+            fields = {
+                "role": hello.role,
+                "status": "online",
+                "session": hello.session,
+                "country_iso_code": hello.location.country_iso_code,
+                "region": hello.location.region,
+                "intensity_g_per_kwh": hello.location.intensity_g_per_kwh,
+                "intensity_source": hello.location.intensity_source,
+                "pue": hello.location.pue,
+                "hardware": hello.hardware.model_dump(exclude_none=True),
+                "sdk_version": hello.sdk_version,
+                "last_seen": now,
+            }
+            client_id = conn.execute(
+                select(clients.c.id).where(clients.c.run_id == run_id, clients.c.node_id == hello.node_id)
+            ).scalar()
+            if client_id is None:
+                client_id = conn.execute(
+                    insert(clients).values(run_id=run_id, node_id=hello.node_id, first_seen=now, **fields)
+                ).inserted_primary_key[0]
+            else:
+                conn.execute(update(clients).where(clients.c.id == client_id).values(**fields))
+        events.append(Event("client", run_id, {"node_id": hello.node_id, "role": hello.role, "status": "online"}))
+        location = hello.location
+        session = Session(
+            run_id, client_id, hello.node_id, hello.role, hello.session,
+            intensity_g_per_kwh=location.intensity_g_per_kwh, pue=location.pue,
+            zone=zone_of(location.country_iso_code, location.region),
+        )
+        return session, events
+
+    def apply(self, ops: Sequence[Op]) -> list[Event]:
+        """Store a batch in one transaction; duplicates of ``(session, seq)`` are ignored."""
+        events: list[Event] = []
+        now = _now()
+        sample_rows: list[dict[str, Any]] = []
+        round_rows: list[dict[str, Any]] = []
+        byes: list[tuple[Session, Bye]] = []
+        node_of: dict[tuple[str, int], Session] = {}
+        seen: set[int] = set()
+        for session, message in ops:
+            seen.add(session.client_id)
+            node_of[(session.session, message.seq)] = session
+            base = {"run_id": session.run_id, "client_id": session.client_id, "session": session.session}
+            if isinstance(message, Sample):
+                sample_rows.append(
+                    {
+                        **base,
+                        "seq": message.seq,
+                        "t": from_unix(message.t),
+                        "cpu_w": message.cpu_w,
+                        "gpu_w": message.gpu_w,
+                        "ram_w": message.ram_w,
+                    }
+                )
+            elif isinstance(message, Round):
+                fields = message.model_dump(exclude={"type", "started_at"})
+                end = now.timestamp()
+                start = message.started_at if message.started_at is not None else end - message.duration_s
+                # The server charges each interval: PUE once, and the intensity of its hours if a
+                # trace covers the party's zone, else the party's annual intensity.
+                intensity = self.carbon.intensity(session.intensity_g_per_kwh, session.zone, start,
+                                                  start + message.duration_s)
+                fields["emissions_kg"] = message.energy_kwh * session.pue * intensity / 1000.0
+                round_rows.append(
+                    {**base, **fields, "intensity_g_per_kwh": intensity, "started_at": from_unix(message.started_at),
+                     "reported_at": now}
+                )
+            elif isinstance(message, Bye):
+                byes.append((session, message))
+        with self.engine.begin() as conn:
+            if sample_rows:
+                stored = conn.execute(
+                    self._insert(samples).returning(samples.c.session, samples.c.seq), sample_rows
+                ).all()
+                by_key = {(r["session"], r["seq"]): r for r in sample_rows}
+                for key in stored:
+                    row, who = by_key[tuple(key)], node_of[tuple(key)]
+                    events.append(
+                        Event(
+                            "sample",
+                            who.run_id,
+                            {
+                                "node_id": who.node_id,
+                                "t": iso(row["t"]),
+                                "cpu_w": row["cpu_w"],
+                                "gpu_w": row["gpu_w"],
+                                "ram_w": row["ram_w"],
+                                "power_w": row["cpu_w"] + row["gpu_w"] + row["ram_w"],
+                            },
+                        )
+                    )
+            if round_rows:
+                stored = conn.execute(
+                    self._insert(reports).returning(reports.c.session, reports.c.seq), round_rows
+                ).all()
+                by_key = {(r["session"], r["seq"]): r for r in round_rows}
+                accumulate(conn, [(node_of[tuple(key)], by_key[tuple(key)]) for key in stored])
+                for key in stored:
+                    row, who = by_key[tuple(key)], node_of[tuple(key)]
+                    data = {k: v for k, v in row.items() if k not in ("run_id", "client_id", "session")}
+                    data["started_at"] = iso(row["started_at"])
+                    data["reported_at"] = iso(row["reported_at"])
+                    events.append(Event("round", who.run_id, {"node_id": who.node_id, "role": who.role, **data}))
+            if seen:
+                conn.execute(update(clients).where(clients.c.id.in_(seen)).values(last_seen=now))
+            for session, bye in byes:
+                conn.execute(update(clients).where(clients.c.id == session.client_id).values(status="finished"))
+                events.append(Event("client", session.run_id, {"node_id": session.node_id, "status": "finished"}))
+                if self._run_is_over(conn, session, bye):
+                    status = conn.execute(select(runs.c.status).where(runs.c.id == session.run_id)).scalar()
+                    if status in ACTIVE:
+                        # A run asked to stop ends "stopped"; one whose FL server failed, "failed";
+                        # one that ran its course, "finished".
+                        if status == "stopping":
+                            final = "stopped"
+                        elif session.role == "server" and (bye.reason or "").startswith("failed"):
+                            final = "failed"
+                        else:
+                            final = "finished"
+                        conn.execute(update(runs).where(runs.c.id == session.run_id).values(status=final, ended_at=now))
+                        events.append(Event("run", session.run_id, {"id": session.run_id, "status": final}))
+        return events
+
+    @staticmethod
+    def _run_is_over(conn: Any, session: Session, bye: Bye) -> bool:
+        if session.role == "server":
+            return bye.final
+        # Without an FL server in the run, it is over when every client has said bye.
+        others = conn.execute(
+            select(func.count())
+            .select_from(clients)
+            .where(
+                clients.c.run_id == session.run_id,
+                (clients.c.role == "server") | (clients.c.status != "finished"),
+            )
+        ).scalar()
+        return others == 0
+
+    def disconnect(self, session: Session) -> list[Event]:
+        """Mark a client offline when its socket closes without ``bye``."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(clients)
+                .where(clients.c.id == session.client_id, clients.c.status == "online")
+                .values(status="offline", last_seen=_now())
+            ).rowcount
+        if not changed:
+            return []
+        return [Event("client", session.run_id, {"node_id": session.node_id, "status": "offline"})]
