@@ -1,0 +1,1 @@
+"""Static dashboard files served by the TRAICE server (no build step)."""
