@@ -1,0 +1,1 @@
+"""TRAICE quickstart: a Flower app whose energy and carbon are tracked by TRAICE."""
