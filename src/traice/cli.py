@@ -18,6 +18,8 @@ from . import __version__
 from .carbon import NETWORK_KWH_PER_GB, CarbonModel, IntensityTrace
 from .estimate import estimate_command
 from .report import report_command
+from .rest import admin_headers
+from .server.limits import Limits
 
 app = typer.Typer(
     name="traice",
@@ -89,22 +91,69 @@ def server(
                      "replayed for the parties whose zone it covers."),
     ] = None,
     trace_basis: Annotated[str, typer.Option(help="Which intensity of the trace: lca or direct.")] = "lca",
+    admin_token: Annotated[
+        Optional[str],
+        typer.Option(envvar="TRAICE_ADMIN_TOKEN", show_default=False,
+                     help="Token for the dashboard, REST and run control (prefer the environment variable: "
+                     "command lines are visible to other users)."),
+    ] = None,
+    worker_token: Annotated[
+        Optional[list[str]],
+        typer.Option(envvar="TRAICE_WORKER_TOKEN", show_default=False,
+                     help="Token workers present (TraiceClient(token=...) or TRAICE_TOKEN), valid for any run "
+                     "and node. Repeat for several."),
+    ] = None,
+    tokens_file: Annotated[
+        Optional[Path],
+        typer.Option(exists=True, dir_okay=False, envvar="TRAICE_TOKENS_FILE",
+                     help='Worker tokens limited to a run and nodes: a JSON list of {"token" or "sha256", '
+                     '"run", "nodes"}.'),
+    ] = None,
+    max_frame_bytes: Annotated[
+        int, typer.Option(min=1024, envvar="TRAICE_MAX_FRAME_BYTES", help="Largest socket frame accepted.")
+    ] = Limits.max_frame_bytes,
+    max_messages_per_s: Annotated[
+        float, typer.Option(min=0.1, envvar="TRAICE_MAX_MESSAGES_PER_S",
+                            help="Sustained messages per second per socket (bursts of --burst-messages more).")
+    ] = Limits.max_messages_per_s,
+    burst_messages: Annotated[
+        int, typer.Option(min=1, envvar="TRAICE_BURST_MESSAGES", help="Messages one socket may send at once.")
+    ] = Limits.burst_messages,
+    max_connections_per_address: Annotated[
+        int, typer.Option(min=1, envvar="TRAICE_MAX_CONNECTIONS_PER_ADDRESS",
+                          help="Open sockets per client IP address (a Flower simulation opens one per virtual "
+                          "client).")
+    ] = Limits.max_connections_per_address,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Run the TRAICE server: worker socket, dashboard, REST API (docs at /docs)."""
+    """Run the TRAICE server: worker socket, dashboard, REST API (docs at /docs).
+
+    On 127.0.0.1 (the default) it needs no token. On any other address it refuses to start without
+    an admin token and a worker token.
+    """
     from .server import create_app, serve
+    from .server.auth import Auth, check_exposure
 
     try:
         trace = IntensityTrace.from_csv(intensity_trace, trace_basis) if intensity_trace else None
+        workers = [t for t in worker_token or [] if t]
+        auth = (Auth.from_file(tokens_file, admin_token, workers) if tokens_file
+                else Auth(admin_token, workers))
+        check_exposure(host, auth)
+        limits = Limits(max_frame_bytes=max_frame_bytes, max_messages_per_s=max_messages_per_s,
+                        burst_messages=burst_messages, max_connections_per_address=max_connections_per_address)
     except ValueError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     application = create_app(
-        database_url=database_url, carbon=CarbonModel(network_kwh_per_gb=network_kwh_per_gb, trace=trace)
+        database_url=database_url, carbon=CarbonModel(network_kwh_per_gb=network_kwh_per_gb, trace=trace),
+        auth=auth, limits=limits,
     )
     if trace is not None:
         console.print(f"Replaying hourly intensity from {trace.name} ({trace.basis}) for zones {', '.join(trace.zones)}")
     console.print(f"TRAICE server on [bold]http://{host}:{port}[/] — database {application.state.store.url}")
+    if auth.admin_required:
+        console.print(f"Dashboard sign-in: http://{host}:{port}/login (the admin token); REST: Authorization: Bearer")
     serve(application, host=host, port=port, log_level=log_level)
 
 
@@ -159,7 +208,7 @@ def demo(
 
 def _get(server_url: str, path: str) -> Any:
     try:
-        response = httpx.get(server_url.rstrip("/") + path, timeout=30)
+        response = httpx.get(server_url.rstrip("/") + path, timeout=30, headers=admin_headers())
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach the TRAICE server at {server_url}: {exc}[/]")
         raise typer.Exit(2) from None
@@ -228,7 +277,7 @@ def export(
 
 def _post(server_url: str, path: str, body: dict[str, Any]) -> Any:
     try:
-        response = httpx.post(server_url.rstrip("/") + path, json=body, timeout=30)
+        response = httpx.post(server_url.rstrip("/") + path, json=body, timeout=30, headers=admin_headers())
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach the TRAICE server at {server_url}: {exc}[/]")
         raise typer.Exit(2) from None

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .carbon import NETWORK_KWH_PER_GB, Intensity, emissions_kg, intensity_for, network_energy_kwh
+from .rest import admin_headers
 
 COMPONENTS = ("compute", "upload", "download", "server")
 DEVICE_POWER_W = 15.0  # an assumption, not a measurement
@@ -271,7 +272,7 @@ def pilot_from_rows(run: str, rows: list[dict[str, Any]], pue: dict[str, float])
 def fetch_pilot(server_url: str, run: str, timeout_s: float = 30.0) -> Pilot:
     """Read a pilot run (id, or name: its latest run) from a TRAICE server; ValueError with a clear message."""
     try:
-        with httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout_s) as http:
+        with httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout_s, headers=admin_headers()) as http:
 
             def get(path: str) -> Any:
                 response = http.get(path)

@@ -20,6 +20,7 @@ import typer
 
 from . import __version__
 from .equivalents import equivalents
+from .rest import admin_headers
 
 COMPONENTS = ("compute", "upload", "download", "server")
 COLORS = {"compute": "#2e7d4f", "upload": "#3b7fb6", "download": "#d08c2f", "server": "#8d9992"}
@@ -92,7 +93,7 @@ def build_report(server_url: str, run: str) -> dict[str, Any]:
     """The report of ``run`` (an id, or a name for its latest run) from the TRAICE server at ``server_url``:
     run, breakdown by component, rounds, clients, assumptions, equivalents and forecast (None without one).
     Raises :class:`ReportError`."""
-    with httpx.Client(base_url=server_url.rstrip("/"), timeout=30) as client:
+    with httpx.Client(base_url=server_url.rstrip("/"), timeout=30, headers=admin_headers()) as client:
         run_id = _resolve(client, run)
         detail = _get(client, f"/api/runs/{run_id}")
         api_rounds = _get(client, f"/api/runs/{run_id}/rounds")

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..forecast import forecast
 from ..store.base import Store, StoreError
+from .auth import bearer
 from .hub import Hub
 
 router = APIRouter(prefix="/api")
@@ -441,6 +442,13 @@ async def delete_rule(request: Request, run_id: int, rule_id: int) -> FastAPIRes
     except StoreError as exc:
         raise _api_error(exc) from None
     return FastAPIResponse(status_code=204)
+
+
+def require_admin(request: Request) -> None:
+    """Every REST call needs the admin token when the server has one (header or dashboard cookie)."""
+    if not request.app.state.auth.is_admin(bearer(request.headers, request.cookies)):
+        raise ApiError(401, "unauthorized", "this needs the admin token: TRAICE_ADMIN_TOKEN for the CLI, "
+                       "'Authorization: Bearer <token>' for REST, or sign in at /login")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,13 +13,15 @@ from ..protocol import MAX_FRAME_BYTES
 
 
 def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    limits = getattr(app.state, "limits", None)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         ws="websockets-sansio",
-        ws_max_size=MAX_FRAME_BYTES,  # larger frames close the socket with 1009
+        # larger frames close the socket with 1009
+        ws_max_size=limits.max_frame_bytes if limits is not None else MAX_FRAME_BYTES,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         lifespan="on",

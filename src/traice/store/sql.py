@@ -102,6 +102,8 @@ class SqlStore(ReadQueries, ControlStore):
                 run = conn.execute(select(runs).where(runs.c.id == hello.run_id)).mappings().first()
                 if run is None:
                     raise StoreError("unknown_run", f"run {hello.run_id} does not exist")
+                if run["name"] != hello.run:  # a token allowed for one run name must not reach another by id
+                    raise StoreError("run_mismatch", f"run {hello.run_id} is not named {hello.run!r}")
             else:
                 run = (
                     conn.execute(

@@ -26,6 +26,9 @@ export async function api(path, { method = "GET", body } = {}) {
   if (text) {
     try { data = JSON.parse(text); } catch { data = null; }
   }
+  if (response.status === 401 && location.pathname !== "/login") {
+    location.assign("/login"); // the server has an admin token and this browser has not signed in
+  }
   if (!response.ok) {
     const error = (data && data.error) || {};
     throw new ApiError(response.status, error.code || `http_${response.status}`, error.message || response.statusText);
