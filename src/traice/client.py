@@ -77,7 +77,9 @@ class TraiceClient:
     ``start()``, ``update(epoch, accuracy, loss)`` and ``stop()`` work as in the original TRAICE;
     ``with client.round(n) as r: ...; r.report(...)`` and ``with TraiceClient(...) as client:``
     are the newer forms. Sending happens on a background thread: if the server is down,
-    training goes on and reports wait in a bounded outbox.
+    training goes on and reports wait in a bounded outbox; with ``outbox_path`` (or
+    ``TRAICE_OUTBOX_PATH``) the outbox is also kept on disk, and what a crashed or stopped worker
+    could not deliver is sent when it starts again with the same path.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class TraiceClient:
         live_samples: bool = True,
         tracking_mode: str | None = None,
         outbox_max: int = 10_000,
+        outbox_path: str | os.PathLike[str] | None = None,
         flush_timeout_s: float = 10.0,
         on_command: Callable[[Command], None] | None = None,
         obey_commands: bool = True,
@@ -128,6 +131,7 @@ class TraiceClient:
             self._hello,
             token=token or os.environ.get("TRAICE_TOKEN"),
             outbox_max=outbox_max,
+            outbox_path=outbox_path or os.environ.get("TRAICE_OUTBOX_PATH") or None,
             on_command=self._on_command,
             on_run_id=self._set_run_id,
         )

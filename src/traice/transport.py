@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from . import protocol
+from .outbox import DiskOutbox
 from .protocol import Ack, Command, Error, Hello
 
 log = logging.getLogger("traice")
@@ -50,6 +52,14 @@ def worker_socket_url(server_url: str) -> str:
     return urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
+#: Refusals after which the server closes the socket; the worker waits out its backoff before retrying.
+CLOSING_REFUSALS = frozenset({"rate_limited", "too_many_connections", "unauthorized", "forbidden"})
+
+
+class _Refused(OSError):
+    """The server turned this connection away; retry after a backoff."""
+
+
 class Transport:
     """Delivers worker messages at least once; the server makes it exactly once."""
 
@@ -64,6 +74,8 @@ class Transport:
         on_run_id: Callable[[int], None] | None = None,
         connect_timeout_s: float = 5.0,
         max_backoff_s: float = 10.0,
+        outbox_path: str | Path | None = None,
+        _disk: DiskOutbox | None = None,
     ) -> None:
         self.url = url
         self._hello = hello
@@ -84,10 +96,19 @@ class Transport:
         self._dropped = 0
         self.connected = False
         self.errors: list[Error] = []  # refusals by the server, most recent last (bounded)
+        # With an outbox on disk every unacked message is also written there, and an earlier
+        # process's leftovers are delivered (under their own session) before this one's messages.
+        self._owns_disk = _disk is None and outbox_path is not None
+        self._disk = _disk if _disk is not None else (DiskOutbox(outbox_path) if outbox_path is not None else None)
+        self._session: str | None = None
+        self._last_logged: str | None = None
 
     # ---------------------------------------------------------------- training-thread API
 
     def start(self) -> None:
+        if self._disk is not None:
+            with self._cond:
+                self._remember_hello()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="traice-transport", daemon=True)
             self._thread.start()
@@ -99,6 +120,10 @@ class Transport:
             self._next_seq += 1
             message["seq"] = seq
             self._pending[seq] = message
+            if self._disk is not None:
+                if self._session is None:
+                    self._remember_hello()
+                self._disk.add(self._session, seq, message)  # type: ignore[arg-type]
             if len(self._pending) > self._outbox_max:
                 self._drop_one()
             self._cond.notify_all()
@@ -134,9 +159,12 @@ class Transport:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         if not delivered:
+            kept = f"; they are kept in {self._disk.path} for the next start" if self._disk is not None else ""
             log.warning(
-                "TRAICE: %d report(s) could not be delivered to %s before stop", self.pending(), self.url
+                "TRAICE: %d report(s) could not be delivered to %s before stop%s", self.pending(), self.url, kept
             )
+        if self._owns_disk and self._disk is not None:
+            self._disk.close()
         return delivered
 
     # ---------------------------------------------------------------- the thread
@@ -147,6 +175,8 @@ class Transport:
         if victim is None:
             victim = next(iter(self._pending))
         del self._pending[victim]
+        if self._disk is not None and self._session is not None:
+            self._disk.remove(self._session, victim)
         self._dropped += 1
         if self._dropped == 1 or self._dropped % 1000 == 0:
             log.warning(
@@ -155,7 +185,38 @@ class Transport:
                 self._dropped,
             )
 
+    def _remember_hello(self) -> None:
+        hello = self._hello()
+        self._session = hello.session
+        assert self._disk is not None
+        self._disk.save_hello(hello.session, protocol.dumps(hello))
+
+    def _deliver_leftovers(self) -> None:
+        """Send what an earlier process left in the disk outbox, one old session at a time."""
+        assert self._disk is not None and self._session is not None
+        for hello_json, messages in self._disk.leftovers(self._session):
+            old = Hello.model_validate_json(hello_json)
+            log.warning("TRAICE: sending %d report(s) left in %s by an earlier run of this worker",
+                        len(messages), self._disk.path)
+            courier = Transport(self.url, lambda old=old: old, token=self._token, outbox_max=len(messages) + 1,
+                                connect_timeout_s=self._connect_timeout_s, max_backoff_s=self._max_backoff_s,
+                                _disk=self._disk)
+            courier._session = old.session
+            courier._pending.update((m["seq"], m) for m in messages)
+            courier._next_seq = messages[-1]["seq"] + 1
+            courier._thread = threading.Thread(target=courier._run, name="traice-outbox", daemon=True)
+            courier._thread.start()
+            while courier.pending() and not self._closing:
+                courier.flush(0.5)
+            courier.close(timeout_s=0)
+            if courier.pending() == 0:
+                self._disk.forget(old.session)
+            if self._closing:
+                return
+
     def _run(self) -> None:
+        if self._disk is not None and self._owns_disk:
+            self._deliver_leftovers()
         backoff = 0.25
         while True:
             with self._cond:
@@ -177,7 +238,13 @@ class Transport:
                         self._warned_down = False
                     self._serve(ws)
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed, protocol.ProtocolError) as exc:
-                if self.connected:
+                if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.reason in CLOSING_REFUSALS:
+                    # The close names the refusal too: its error frame may not have been read.
+                    exc = _Refused(exc.rcvd.reason)
+                    self._record_error(Error(code=exc.args[0], message=f"closed by the server: {exc.args[0]}"))
+                if isinstance(exc, _Refused):
+                    pass  # logged when the refusal arrived
+                elif self.connected:
                     log.debug("TRAICE: connection to %s lost: %s", self.url, exc)
                 elif not self._warned_down:
                     log.warning(
@@ -189,7 +256,7 @@ class Transport:
                     )
                     self._warned_down = True
                 was_connected, self.connected = self.connected, False
-                if not was_connected:
+                if not was_connected or isinstance(exc, _Refused):
                     self._sleep(backoff * (0.5 + random.random()))  # jitter spreads a fleet's retries
                     backoff = min(backoff * 2, self._max_backoff_s)
 
@@ -203,12 +270,15 @@ class Transport:
         reply = protocol.parse_server_message(ws.recv(timeout=self._connect_timeout_s))
         if isinstance(reply, Error):
             self._record_error(reply)
-            raise OSError(f"server refused hello: {reply.code}: {reply.message}")
+            raise _Refused(f"server refused hello: {reply.code}")
         if isinstance(reply, Ack) and reply.run_id is not None and self._on_run_id:
             self._on_run_id(reply.run_id)
         with self._cond:
+            if self._disk is not None and self._owns_disk:
+                self._remember_hello()  # now with the run id, so a restart rejoins this very run
             self._send_from = next(iter(self._pending), self._next_seq)
         self.connected = True
+        self._last_logged = None
 
     def _serve(self, ws: ClientConnection) -> None:
         while True:
@@ -245,17 +315,26 @@ class Transport:
             with self._cond:
                 for seq in [s for s in self._pending if s <= message.seq]:
                     del self._pending[seq]
+                if self._disk is not None and self._session is not None:
+                    self._disk.remove_upto(self._session, message.seq)
                 self._cond.notify_all()
         elif isinstance(message, Error):
             self._record_error(message)
+            if message.code in CLOSING_REFUSALS:
+                # Nothing after the refused frame was read: everything unacked is resent later.
+                raise _Refused(message.code)
             if message.seq is not None:
                 with self._cond:
                     self._pending.pop(message.seq, None)  # resending a refused message cannot help
+                    if self._disk is not None and self._session is not None:
+                        self._disk.remove(self._session, message.seq)
                     self._cond.notify_all()
         elif isinstance(message, Command) and self._on_command is not None:
             self._on_command(message)
 
     def _record_error(self, error: Error) -> None:
-        log.warning("TRAICE: server refused a message: %s: %s", error.code, error.message)
+        if error.code not in CLOSING_REFUSALS or error.code != self._last_logged:  # one warning per spell
+            log.warning("TRAICE: server refused a message: %s: %s", error.code, error.message)
+        self._last_logged = error.code
         self.errors.append(error)
         del self.errors[:-100]
