@@ -197,6 +197,7 @@ class TraiceStrategy(Strategy):
         node_id: str = "fl-server",
         sample_interval_s: float = 5.0,
         tracking_mode: str = "process",
+        token: str | None = None,
     ) -> None:
         self.strategy = strategy
         self.tracking_mode = tracking_mode
@@ -215,6 +216,7 @@ class TraiceStrategy(Strategy):
             pue=pue,
             sample_interval_s=sample_interval_s,
             tracking_mode=tracking_mode,
+            token=token,  # None: TRAICE_TOKEN; the clients' traice_mod reads TRAICE_TOKEN (never sent in messages)
             on_command=self._on_command,
             ack_commands=False,  # acknowledged here, when each command has really taken effect
         )
