@@ -238,10 +238,11 @@ class Transport:
                         self._warned_down = False
                     self._serve(ws)
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed, protocol.ProtocolError) as exc:
-                if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.reason in CLOSING_REFUSALS:
+                closed_for = exc.rcvd.reason if isinstance(exc, ConnectionClosed) and exc.rcvd is not None else None
+                if closed_for in CLOSING_REFUSALS:
                     # The close names the refusal too: its error frame may not have been read.
-                    exc = _Refused(exc.rcvd.reason)
-                    self._record_error(Error(code=exc.args[0], message=f"closed by the server: {exc.args[0]}"))
+                    self._record_error(Error(code=str(closed_for), message=f"closed by the server: {closed_for}"))
+                    exc = _Refused(closed_for)
                 if isinstance(exc, _Refused):
                     pass  # logged when the refusal arrived
                 elif self.connected:

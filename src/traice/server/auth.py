@@ -149,11 +149,8 @@ def check_exposure(host: str, auth: Auth) -> None:
     """Refuse (ValueError, with the reason) to serve beyond loopback without tokens."""
     if is_loopback(host):
         return
-    missing = [
-        name
-        for name, ok in (("--admin-token", auth.admin_required), ("--worker-token or --tokens-file", auth.has_worker_tokens))
-        if not ok
-    ]
+    needed = (("--admin-token", auth.admin_required), ("--worker-token or --tokens-file", auth.has_worker_tokens))
+    missing = [name for name, ok in needed if not ok]
     if missing:
         raise ValueError(
             f"refusing to listen on {host} without {' and '.join(missing)}: anyone who can reach this port "

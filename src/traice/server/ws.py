@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -52,7 +53,7 @@ async def _drain(ws: WebSocket, timeout_s: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _admitted(ws: WebSocket) -> Any:
+async def _admitted(ws: WebSocket) -> AsyncIterator[bool]:
     """Accept the socket and hold a slot for its address; yields False (after refusing) if full."""
     counter: ConnectionCounter = ws.app.state.connections
     address = ws.client.host if ws.client else "unknown"
