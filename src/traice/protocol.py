@@ -17,10 +17,18 @@ PROTOCOL_VERSION = 1
 #: Largest frame the server accepts; larger frames close the socket with 1009.
 MAX_FRAME_BYTES = 1024 * 1024
 
+#: Largest values of the SQL integer columns (PostgreSQL's INTEGER and BIGINT); larger ones are refused
+#: as ``invalid_message`` rather than failing in the database.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Seq = Annotated[int, Field(ge=0)]
+#: Strings the server stores as text: PostgreSQL cannot hold a NUL character, so none may have one.
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Seq = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 MetricValue = Union[bool, int, Finite, Annotated[str, Field(max_length=1000)]]
 
 
@@ -48,10 +56,10 @@ class Hardware(_Message):
 class Location(_Message):
     """Where the worker draws its electricity from."""
 
-    country_iso_code: Annotated[str, Field(min_length=3, max_length=3)] | None = None
-    region: Annotated[str, Field(max_length=100)] | None = None
+    country_iso_code: Annotated[str, Field(min_length=3, max_length=3, pattern=NO_NUL)] | None = None
+    region: Annotated[str, Field(max_length=100, pattern=NO_NUL)] | None = None
     intensity_g_per_kwh: NonNegative
-    intensity_source: Annotated[str, Field(max_length=200)] | None = None
+    intensity_source: Annotated[str, Field(max_length=200, pattern=NO_NUL)] | None = None
     #: Power usage effectiveness of the party's site, applied once to its measured energy.
     pue: Annotated[float, Field(ge=1.0, le=5.0, allow_inf_nan=False)] = 1.0
 
@@ -64,15 +72,15 @@ class Hello(_Message):
     protocol: int = PROTOCOL_VERSION
     run: Name
     #: Join exactly this run; unknown ids are refused (``unknown_run``).
-    run_id: int | None = Field(default=None, ge=1)
+    run_id: int | None = Field(default=None, ge=1, le=INT32_MAX)
     node_id: Name
     #: Random id of one worker incarnation; with ``seq`` it makes every report unique.
-    session: Annotated[str, Field(min_length=8, max_length=64)]
+    session: Annotated[str, Field(min_length=8, max_length=64, pattern=NO_NUL)]
     role: Literal["client", "server"] = "client"
-    rounds_planned: int | None = Field(default=None, ge=0)
+    rounds_planned: Count | None = None
     hardware: Hardware = Field(default_factory=Hardware)
     location: Location
-    sdk_version: str | None = None
+    sdk_version: Annotated[str, Field(max_length=50, pattern=NO_NUL)] | None = None
 
 
 class Sample(_Message):
@@ -95,7 +103,7 @@ class Round(_Message):
 
     type: Literal["round"] = "round"
     seq: Seq
-    round: int = Field(ge=0)
+    round: Count
     #: "train" and "evaluate" come from Flower; "round" is a whole round; "tail" is the energy
     #: measured after the last update, reported at stop so nothing is dropped; "idle" is a shared
     #: process's energy between two messages (duration 0: it is not the client's working time).
@@ -109,9 +117,9 @@ class Round(_Message):
     emissions_kg: NonNegative
     accuracy: Finite | None = None
     loss: Finite | None = None
-    num_examples: int | None = Field(default=None, ge=0)
-    bytes_up: int | None = Field(default=None, ge=0)
-    bytes_down: int | None = Field(default=None, ge=0)
+    num_examples: Count | None = None
+    bytes_up: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    bytes_down: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     metrics: dict[Annotated[str, Field(max_length=200)], MetricValue] = Field(
         default_factory=dict, max_length=200
     )
@@ -138,9 +146,9 @@ class CommandAck(_Message):
 
     type: Literal["command_ack"] = "command_ack"
     seq: Seq
-    command_id: int
+    command_id: Annotated[int, Field(le=INT32_MAX)]
     status: Literal["acknowledged", "done", "failed"]
-    detail: Annotated[str, Field(max_length=500)] | None = None
+    detail: Annotated[str, Field(max_length=500, pattern=NO_NUL)] | None = None
 
 
 WorkerMessage = Annotated[Union[Hello, Sample, Round, Bye, CommandAck], Field(discriminator="type")]
@@ -201,6 +209,8 @@ def _loads(frame: str | bytes) -> dict[str, Any]:
         data = json.loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"frame is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[...]]]]: json gives up, and so does the server
+        raise ProtocolError("invalid_json", "frame is nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a frame must be a JSON object")
     return data
@@ -209,11 +219,14 @@ def _loads(frame: str | bytes) -> dict[str, Any]:
 def parse_worker_message(frame: str | bytes) -> Hello | Sample | Round | Bye | CommandAck:
     """Parse and validate one worker frame, or raise :class:`ProtocolError`."""
     data = _loads(frame)
-    seq = data.get("seq") if isinstance(data.get("seq"), int) else None
+    seq = data.get("seq")
+    # Name the refused message only by a seq it could have (an error with seq -1 could not even be sent).
+    seq = seq if type(seq) is int and 0 <= seq <= INT64_MAX else None
     if data.get("type") not in ("hello", "sample", "round", "bye", "command_ack"):
         raise ProtocolError("unknown_type", f"unknown message type {data.get('type')!r}", seq)
     try:
-        return _worker_adapter.validate_python(data)
+        # Strict: JSON has types, and "1" or true is not a number (both ends send real numbers).
+        return _worker_adapter.validate_python(data, strict=True)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
