@@ -7,13 +7,15 @@ import io
 import json
 from typing import Annotated, Any, Callable, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response as FastAPIResponse
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response as FastAPIResponse
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..forecast import forecast
+from ..protocol import NO_NUL
 from ..store.base import Store, StoreError
 from .auth import bearer
 from .hub import Hub
@@ -207,7 +209,10 @@ class RuleOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 409: {"model": ErrorResponse}}
+# 400: a body that cannot even be decoded (not UTF-8, say)
+CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS, 400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}
+}
 NOT_FOUND = {"run_not_found", "client_not_found", "rule_not_found", "unknown_command"}
 
 
@@ -235,8 +240,16 @@ def _run_or_404(store: Store, run_id: int) -> dict[str, Any]:
 
 
 RunId = Annotated[int, Query(ge=1)]
+# Ids are SQL integers: a larger one names nothing (and SQLite cannot even look it up: a 500).
+MAX_ID = 2**31 - 1
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+# No node id has a NUL (the protocol refuses them), and PostgreSQL cannot even compare one: a 500.
+NodePath = Annotated[str, Path(pattern=NO_NUL)]
+NodeQuery = Annotated[str | None, Query(pattern=NO_NUL)]
 Limit = Annotated[int, Query(ge=1, le=100_000, description="most samples to return")]
-Since = Annotated[float | None, Query(ge=0, description="only samples after this unix time (s)")]
+Since = Annotated[
+    float | None, Query(ge=0, le=253_402_300_799, description="only samples after this unix time (s)")
+]  # the last second of year 9999: later times are not dates
 
 
 @router.get("/runs", response_model=list[RunOut], summary="All runs, newest first")
@@ -250,7 +263,7 @@ def list_runs(request: Request) -> list[dict[str, Any]]:
     responses=ERRORS,
     summary="One run, with emissions by component and by client",
 )
-def get_run(request: Request, run_id: int) -> dict[str, Any]:
+def get_run(request: Request, run_id: PathId) -> dict[str, Any]:
     store = _store(request)
     run = _run_or_404(store, run_id)
     parties = store.clients(run_id)
@@ -308,13 +321,13 @@ def _table_routes(name: str) -> None:
 
     @router.get(f"/runs/{{run_id}}/{name}", response_model=list[model], responses=ERRORS, summary=summary)  # type: ignore[valid-type]
     def as_list(
-        request: Request, run_id: int, since: Since = None, node_id: str | None = None, limit: Limit = 10_000
+        request: Request, run_id: PathId, since: Since = None, node_id: NodeQuery = None, limit: Limit = 10_000
     ) -> list[dict[str, Any]]:
         return rows(request, run_id, since, node_id, limit)
 
     @router.get(f"/runs/{{run_id}}/{name}.json", responses=ERRORS, summary=f"{name} as a JSON download")
     def as_json(
-        request: Request, run_id: int, since: Since = None, node_id: str | None = None, limit: Limit = 10_000
+        request: Request, run_id: PathId, since: Since = None, node_id: NodeQuery = None, limit: Limit = 10_000
     ) -> Response:
         body = json.dumps(rows(request, run_id, since, node_id, limit), indent=1)
         return Response(
@@ -330,7 +343,7 @@ def _table_routes(name: str) -> None:
         summary=f"{name} as a CSV download",
     )
     def as_csv(
-        request: Request, run_id: int, since: Since = None, node_id: str | None = None, limit: Limit = 10_000
+        request: Request, run_id: PathId, since: Since = None, node_id: NodeQuery = None, limit: Limit = 10_000
     ) -> Response:
         return Response(
             _csv(rows(request, run_id, since, node_id, limit), columns),
@@ -352,7 +365,7 @@ for _name in TABLES:
     responses=ERRORS,
     summary="Per round and client: energy, emissions, duration, accuracy (one client with node_id)",
 )
-def client_rounds(request: Request, run_id: int, node_id: str | None = None) -> list[dict[str, Any]]:
+def client_rounds(request: Request, run_id: PathId, node_id: NodeQuery = None) -> list[dict[str, Any]]:
     store = _store(request)
     _run_or_404(store, run_id)
     return store.client_rounds(run_id, node_id)
@@ -361,7 +374,7 @@ def client_rounds(request: Request, run_id: int, node_id: str | None = None) -> 
 @router.get("/runs/{run_id}/forecast", responses=ERRORS, summary="Forecast of the run's total and to a target accuracy")
 def run_forecast(
     request: Request,
-    run_id: int,
+    run_id: PathId,
     target_accuracy: Annotated[float | None, Query(gt=0, le=1, description="forecast the cost to reach this")] = None,
 ) -> dict[str, Any]:
     """Energy and emissions at the end of the run (``rounds_planned``) with a 90 % interval, the
@@ -386,7 +399,7 @@ def run_forecast(
     responses=CONTROL_ERRORS,
     summary="Pause, resume or stop a run",
 )
-async def control_run(request: Request, run_id: int, body: RunControl) -> dict[str, Any]:
+async def control_run(request: Request, run_id: PathId, body: RunControl) -> dict[str, Any]:
     try:
         return await _hub(request).command(run_id, body.action)
     except StoreError as exc:
@@ -400,7 +413,7 @@ async def control_run(request: Request, run_id: int, body: RunControl) -> dict[s
     responses=CONTROL_ERRORS,
     summary="Exclude a client from the next rounds, or include it again",
 )
-async def control_client(request: Request, run_id: int, node_id: str, body: ClientControl) -> dict[str, Any]:
+async def control_client(request: Request, run_id: PathId, node_id: NodePath, body: ClientControl) -> dict[str, Any]:
     try:
         return await _hub(request).command(run_id, body.action, node_id)
     except StoreError as exc:
@@ -408,14 +421,14 @@ async def control_client(request: Request, run_id: int, node_id: str, body: Clie
 
 
 @router.get("/runs/{run_id}/commands", response_model=list[CommandOut], responses=ERRORS, summary="Commands, newest first")
-def list_commands(request: Request, run_id: int) -> list[dict[str, Any]]:
+def list_commands(request: Request, run_id: PathId) -> list[dict[str, Any]]:
     store = _store(request)
     _run_or_404(store, run_id)
     return store.list_commands(run_id)
 
 
 @router.get("/runs/{run_id}/rules", response_model=list[RuleOut], responses=ERRORS, summary="Alert rules")
-def list_rules(request: Request, run_id: int) -> list[dict[str, Any]]:
+def list_rules(request: Request, run_id: PathId) -> list[dict[str, Any]]:
     store = _store(request)
     _run_or_404(store, run_id)
     return store.list_rules(run_id)
@@ -428,7 +441,7 @@ def list_rules(request: Request, run_id: int) -> list[dict[str, Any]]:
     responses=CONTROL_ERRORS,
     summary="Add an alert rule: it fires once, shows in the run, and may pause or stop it",
 )
-async def add_rule(request: Request, run_id: int, body: RuleIn) -> dict[str, Any]:
+async def add_rule(request: Request, run_id: PathId, body: RuleIn) -> dict[str, Any]:
     try:
         return await _hub(request).add_rule(run_id, **body.model_dump())
     except StoreError as exc:
@@ -436,7 +449,7 @@ async def add_rule(request: Request, run_id: int, body: RuleIn) -> dict[str, Any
 
 
 @router.delete("/runs/{run_id}/rules/{rule_id}", status_code=204, responses=ERRORS, summary="Delete an alert rule")
-async def delete_rule(request: Request, run_id: int, rule_id: int) -> FastAPIResponse:
+async def delete_rule(request: Request, run_id: PathId, rule_id: PathId) -> FastAPIResponse:
     try:
         await _hub(request).delete_rule(run_id, rule_id)
     except StoreError as exc:
@@ -465,5 +478,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(_: Request, exc: OperationalError) -> JSONResponse:
+        # The database is away (stopped, restarting, unreachable): a clean 503, not a 500 with a traceback.
+        return JSONResponse(
+            {"error": {"code": "database_unavailable", "message": "the database is unreachable; try again shortly"}},
+            status_code=503, headers={"Retry-After": "5"},
+        )

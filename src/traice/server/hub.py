@@ -3,6 +3,11 @@
 All writes go through one thread, in batches: a burst of samples from many workers becomes
 one transaction, SQLite never sees two writers, and a dashboard hears of a change only once
 it is stored.
+
+When the database is away, the writer keeps the batch and retries it; workers keep their
+sockets and their unacknowledged reports, and dashboards are told once that the database is
+unreachable (``{"type": "health", "run_id": null, "data": {"database": "unreachable", "since"}}``)
+and once that it is back (``{"database": "ok"}``).
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -38,6 +44,7 @@ class Hub:
         self._peers: dict[int, dict[str, tuple[str, Callable[[Command], Awaitable[None]]]]] = {}
         self._armed_runs: set[int] = set()  # runs with rules that have not fired yet
         self.batches_written = 0
+        self.database_down_since: datetime | None = None  # set while writes fail for an outage
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -61,13 +68,30 @@ class Hub:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def open(self, hello: Hello) -> Session:
-        session, events = await self._in_writer(self.store.open, hello)
+        """Open the worker's session; a database outage is refused (``database_unavailable``), and
+        the worker tries again after its backoff."""
+        try:
+            session, events = await self._in_writer(self.store.open, hello)
+        except (OperationalError, DBAPIError) as exc:
+            if not is_outage(exc):
+                raise
+            self._database_unreachable(exc)
+            raise StoreError(
+                "database_unavailable",
+                "the server's database is unreachable; reports are kept by the worker, try again shortly",
+            ) from None
+        self._database_ok()
         self.publish(events)
         return session
 
     async def disconnect(self, session: Session) -> None:
         try:
             self.publish(await self._in_writer(self.store.disconnect, session))
+        except (OperationalError, DBAPIError) as exc:
+            if not is_outage(exc):
+                log.exception("could not mark %s offline", session.node_id)
+            else:  # the client stays "online" in the store until its next hello or bye
+                log.warning("could not mark %s offline: the database is unreachable", session.node_id)
         except Exception:
             log.exception("could not mark %s offline", session.node_id)
 
@@ -92,22 +116,11 @@ class Hub:
 
     async def _write(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
         ops = [op for op, _ in batch]
-        delay = 0.1
-        while True:
-            try:
-                events = await self._in_writer(self.store.apply, ops)
-                break
-            except (OperationalError, DBAPIError) as exc:
-                if not _is_outage(exc):
-                    await self._write_one_by_one(batch)
-                    return
-                # The database is away: keep the batch (workers have no ack yet) and retry.
-                log.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except Exception:
-                await self._write_one_by_one(batch)
-                return
+        try:
+            events = await self._apply(ops)
+        except Exception:
+            await self._write_one_by_one(batch)
+            return
         self.batches_written += 1
         self.publish(events)
         for _, future in batch:
@@ -115,11 +128,35 @@ class Hub:
                 future.set_result(None)
         await self._check_rules({session.run_id for session, _ in ops})
 
+    async def _apply(self, ops: Sequence[Op]) -> list[Event]:
+        """Store ``ops`` in one transaction; while the database is away, keep them and retry
+        (workers have no ack for them yet). Any other failure is raised."""
+        events: list[Event] = await self._despite_outages(self.store.apply, ops)
+        return events
+
+    async def _despite_outages(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the writer, retried for as long as the database is away."""
+        delay = 0.1
+        while True:
+            try:
+                result = await self._in_writer(fn, *args)
+            except (OperationalError, DBAPIError) as exc:
+                if not is_outage(exc):
+                    raise
+                self._database_unreachable(exc)
+                log.debug("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._database_ok()
+            return result
+
     async def _write_one_by_one(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
         # One bad op must not sink the others: store each alone, refuse only the bad one.
+        # An outage meanwhile is waited out, never taken for a bad op.
         for op, future in batch:
             try:
-                self.publish(await self._in_writer(self.store.apply, [op]))
+                self.publish(await self._apply([op]))
             except Exception as exc:
                 log.warning("store refused a %s from %s: %s", op[1].type, op[0].node_id, exc)
                 if not future.done():
@@ -127,6 +164,36 @@ class Hub:
                 continue
             if not future.done():
                 future.set_result(None)
+
+    # ---------------------------------------------------------------- database health
+
+    @property
+    def database_ok(self) -> bool:
+        return self.database_down_since is None
+
+    def health_event(self) -> dict[str, Any]:
+        """The dashboard event that tells the database's state, as last seen by the writer."""
+        if self.database_down_since is None:
+            data: dict[str, Any] = {"database": "ok"}
+        else:
+            data = {"database": "unreachable", "since": self.database_down_since.isoformat()}
+        return {"type": "health", "run_id": None, "data": data}
+
+    def _database_unreachable(self, exc: Exception) -> None:
+        if self.database_down_since is not None:
+            return
+        self.database_down_since = datetime.now(timezone.utc)
+        log.error("database unreachable (%s); reports are held and stored when it is back",
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        self._broadcast(json.dumps(self.health_event()))
+
+    def _database_ok(self) -> None:
+        if self.database_down_since is None:
+            return
+        down_s = (datetime.now(timezone.utc) - self.database_down_since).total_seconds()
+        self.database_down_since = None
+        log.warning("database reachable again after %.1f s; storing the held reports", down_s)
+        self._broadcast(json.dumps(self.health_event()))
 
     # ---------------------------------------------------------------- run control
 
@@ -178,7 +245,8 @@ class Hub:
         ]
 
     async def command_ack(self, session: Session, ack: CommandAck) -> None:
-        events = await self._in_writer(
+        # Held through an outage like a report: refused, the worker would drop it for good.
+        events = await self._despite_outages(
             self.store.update_command, session.run_id, ack.command_id, ack.status, ack.detail
         )
         self.publish(events)
@@ -215,6 +283,8 @@ class Hub:
 
     def listen(self) -> asyncio.Queue[str]:
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=DASHBOARD_QUEUE)
+        if not self.database_ok:  # a dashboard that joins during an outage hears of it at once
+            queue.put_nowait(json.dumps(self.health_event()))
         self._dashboards.add(queue)
         return queue
 
@@ -225,13 +295,16 @@ class Hub:
         if not events or not self._dashboards:
             return
         for event in events:
-            frame = json.dumps({"type": event.kind, "run_id": event.run_id, "data": event.data}, default=str)
-            for queue in list(self._dashboards):
-                try:
-                    queue.put_nowait(frame)
-                except asyncio.QueueFull:
-                    pass  # a stalled dashboard misses events; it reloads from REST
+            self._broadcast(json.dumps({"type": event.kind, "run_id": event.run_id, "data": event.data}, default=str))
+
+    def _broadcast(self, frame: str) -> None:
+        for queue in list(self._dashboards):
+            try:
+                queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                pass  # a stalled dashboard misses events; it reloads from REST
 
 
-def _is_outage(exc: DBAPIError) -> bool:
+def is_outage(exc: DBAPIError) -> bool:
+    """True when ``exc`` means the database is away (worth waiting for), not that an op is bad."""
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
