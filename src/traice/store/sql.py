@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
+    bindparam,
     create_engine,
     event,
     func,
@@ -48,6 +49,51 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _iso_utc(value: datetime) -> str:
+    """``reads.iso`` for a datetime already in UTC with its zone, at a third of the cost."""
+    return value.isoformat()[:-6] + "Z"
+
+
+#: A client's ``last_seen`` is written at most this often by ``apply`` (every message would be an
+#: UPDATE per client per batch); hello, bye and disconnect write it at once.
+LAST_SEEN_RESOLUTION_S = 1.0
+
+
+# What a hello sets on its client row, joining or rejoining.
+_HELLO_FIELDS = ("role", "status", "session", "country_iso_code", "region", "intensity_g_per_kwh",
+                 "intensity_source", "pue", "hardware", "sdk_version", "last_seen")
+
+
+class _Statements:
+    """The write path's statements, built once per store: built per batch, SQLAlchemy spent more
+    time coercing arguments and computing cache keys than the database spent storing the rows."""
+
+    def __init__(self, dialect: str) -> None:
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.insert_samples = (
+            dialect_insert(samples).on_conflict_do_nothing(index_elements=["session", "seq"])
+            .returning(samples.c.session, samples.c.seq)
+        )
+        self.insert_reports = (
+            dialect_insert(reports).on_conflict_do_nothing(index_elements=["session", "seq"])
+            .returning(reports.c.session, reports.c.seq)
+        )
+        self.touch_clients = (
+            update(clients).where(clients.c.id == bindparam("b_id")).values(last_seen=bindparam("b_now"))
+        )
+        self.run_by_id = select(runs).where(runs.c.id == bindparam("b_id"))
+        self.active_run_by_name = (
+            select(runs).where(runs.c.name == bindparam("b_name"), runs.c.status.in_(ACTIVE))
+            .order_by(runs.c.id.desc()).limit(1)
+        )
+        upsert = dialect_insert(clients)
+        # A hello joins or rejoins in one statement; first_seen and excluded stay as they were.
+        self.upsert_client = upsert.on_conflict_do_update(
+            index_elements=["run_id", "node_id"],
+            set_={name: upsert.excluded[name] for name in _HELLO_FIELDS},
+        ).returning(clients.c.id)
+
+
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -70,6 +116,8 @@ class SqlStore(ReadQueries, ControlStore):
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        self._sql = _Statements(self.dialect)
+        self._last_seen: dict[int, float] = {}  # client id -> unix time last written, by apply
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _set_sqlite_pragmas)
         if migrate:
@@ -90,31 +138,19 @@ class SqlStore(ReadQueries, ControlStore):
 
     # ---------------------------------------------------------------- writes
 
-    def _insert(self, table: Any) -> Any:
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        return dialect_insert(table).on_conflict_do_nothing(index_elements=["session", "seq"])
-
     def open(self, hello: Hello) -> tuple[Session, list[Event]]:
         now = _now()
         events: list[Event] = []
+        sql = self._sql
         with self.engine.begin() as conn:
             if hello.run_id is not None:
-                run = conn.execute(select(runs).where(runs.c.id == hello.run_id)).mappings().first()
+                run = conn.execute(sql.run_by_id, {"b_id": hello.run_id}).mappings().first()
                 if run is None:
                     raise StoreError("unknown_run", f"run {hello.run_id} does not exist")
                 if run["name"] != hello.run:  # a token allowed for one run name must not reach another by id
                     raise StoreError("run_mismatch", f"run {hello.run_id} is not named {hello.run!r}")
             else:
-                run = (
-                    conn.execute(
-                        select(runs)
-                        .where(runs.c.name == hello.run, runs.c.status.in_(ACTIVE))
-                        .order_by(runs.c.id.desc())
-                        .limit(1)
-                    )
-                    .mappings()
-                    .first()
-                )
+                run = conn.execute(sql.active_run_by_name, {"b_name": hello.run}).mappings().first()
             if run is None:
                 run_id = conn.execute(
                     insert(runs).values(
@@ -131,30 +167,25 @@ class SqlStore(ReadQueries, ControlStore):
                 run_id = run["id"]
                 if hello.rounds_planned is not None and run["rounds_planned"] is None:
                     conn.execute(update(runs).where(runs.c.id == run_id).values(rounds_planned=hello.rounds_planned))
-            fields = {
+            location = hello.location
+            client_id = conn.execute(sql.upsert_client, {
+                "run_id": run_id,
+                "node_id": hello.node_id,
+                "first_seen": now,
                 "role": hello.role,
                 "status": "online",
                 "session": hello.session,
-                "country_iso_code": hello.location.country_iso_code,
-                "region": hello.location.region,
-                "intensity_g_per_kwh": hello.location.intensity_g_per_kwh,
-                "intensity_source": hello.location.intensity_source,
-                "pue": hello.location.pue,
+                "country_iso_code": location.country_iso_code,
+                "region": location.region,
+                "intensity_g_per_kwh": location.intensity_g_per_kwh,
+                "intensity_source": location.intensity_source,
+                "pue": location.pue,
                 "hardware": hello.hardware.model_dump(exclude_none=True),
                 "sdk_version": hello.sdk_version,
                 "last_seen": now,
-            }
-            client_id = conn.execute(
-                select(clients.c.id).where(clients.c.run_id == run_id, clients.c.node_id == hello.node_id)
-            ).scalar()
-            if client_id is None:
-                client_id = conn.execute(
-                    insert(clients).values(run_id=run_id, node_id=hello.node_id, first_seen=now, **fields)
-                ).inserted_primary_key[0]
-            else:
-                conn.execute(update(clients).where(clients.c.id == client_id).values(**fields))
+            }).scalar_one()
+        self._last_seen[client_id] = now.timestamp()
         events.append(Event("client", run_id, {"node_id": hello.node_id, "role": hello.role, "status": "online"}))
-        location = hello.location
         session = Session(
             run_id, client_id, hello.node_id, hello.role, hello.session,
             intensity_g_per_kwh=location.intensity_g_per_kwh, pue=location.pue,
@@ -166,46 +197,42 @@ class SqlStore(ReadQueries, ControlStore):
         """Store a batch in one transaction; duplicates of ``(session, seq)`` are ignored."""
         events: list[Event] = []
         now = _now()
+        now_s = now.timestamp()
+        sql = self._sql
         sample_rows: list[dict[str, Any]] = []
         round_rows: list[dict[str, Any]] = []
         byes: list[tuple[Session, Bye]] = []
         node_of: dict[tuple[str, int], Session] = {}
-        seen: set[int] = set()
+        seen: dict[int, None] = {}  # client ids in arrival order
         for session, message in ops:
-            seen.add(session.client_id)
+            seen[session.client_id] = None
             node_of[(session.session, message.seq)] = session
-            base = {"run_id": session.run_id, "client_id": session.client_id, "session": session.session}
             if isinstance(message, Sample):
-                sample_rows.append(
-                    {
-                        **base,
-                        "seq": message.seq,
-                        "t": from_unix(message.t),
-                        "cpu_w": message.cpu_w,
-                        "gpu_w": message.gpu_w,
-                        "ram_w": message.ram_w,
-                    }
-                )
+                sample_rows.append({
+                    "run_id": session.run_id, "client_id": session.client_id, "session": session.session,
+                    "seq": message.seq, "t": from_unix(message.t),
+                    "cpu_w": message.cpu_w, "gpu_w": message.gpu_w, "ram_w": message.ram_w,
+                })
             elif isinstance(message, Round):
                 fields = message.model_dump(exclude={"type", "started_at"})
-                end = now.timestamp()
-                start = message.started_at if message.started_at is not None else end - message.duration_s
+                start = message.started_at if message.started_at is not None else now_s - message.duration_s
                 # The server charges each interval: PUE once, and the intensity of its hours if a
                 # trace covers the party's zone, else the party's annual intensity.
                 intensity = self.carbon.intensity(session.intensity_g_per_kwh, session.zone, start,
                                                   start + message.duration_s)
                 fields["emissions_kg"] = message.energy_kwh * session.pue * intensity / 1000.0
-                round_rows.append(
-                    {**base, **fields, "intensity_g_per_kwh": intensity, "started_at": from_unix(message.started_at),
-                     "reported_at": now}
-                )
+                round_rows.append({
+                    "run_id": session.run_id, "client_id": session.client_id, "session": session.session,
+                    **fields, "intensity_g_per_kwh": intensity, "started_at": from_unix(message.started_at),
+                    "reported_at": now,
+                })
             elif isinstance(message, Bye):
                 byes.append((session, message))
+        last_seen = self._last_seen
+        touched = [client_id for client_id in seen if now_s - last_seen.get(client_id, 0.0) >= LAST_SEEN_RESOLUTION_S]
         with self.engine.begin() as conn:
             if sample_rows:
-                stored = conn.execute(
-                    self._insert(samples).returning(samples.c.session, samples.c.seq), sample_rows
-                ).all()
+                stored = conn.execute(sql.insert_samples, sample_rows).all()
                 by_key = {(r["session"], r["seq"]): r for r in sample_rows}
                 for key in stored:
                     row, who = by_key[tuple(key)], node_of[tuple(key)]
@@ -215,7 +242,7 @@ class SqlStore(ReadQueries, ControlStore):
                             who.run_id,
                             {
                                 "node_id": who.node_id,
-                                "t": iso(row["t"]),
+                                "t": _iso_utc(row["t"]),
                                 "cpu_w": row["cpu_w"],
                                 "gpu_w": row["gpu_w"],
                                 "ram_w": row["ram_w"],
@@ -224,9 +251,7 @@ class SqlStore(ReadQueries, ControlStore):
                         )
                     )
             if round_rows:
-                stored = conn.execute(
-                    self._insert(reports).returning(reports.c.session, reports.c.seq), round_rows
-                ).all()
+                stored = conn.execute(sql.insert_reports, round_rows).all()
                 by_key = {(r["session"], r["seq"]): r for r in round_rows}
                 accumulate(conn, [(node_of[tuple(key)], by_key[tuple(key)]) for key in stored])
                 for key in stored:
@@ -235,10 +260,12 @@ class SqlStore(ReadQueries, ControlStore):
                     data["started_at"] = iso(row["started_at"])
                     data["reported_at"] = iso(row["reported_at"])
                     events.append(Event("round", who.run_id, {"node_id": who.node_id, "role": who.role, **data}))
-            if seen:
-                conn.execute(update(clients).where(clients.c.id.in_(seen)).values(last_seen=now))
+            if touched:
+                conn.execute(sql.touch_clients, [{"b_id": client_id, "b_now": now} for client_id in touched])
             for session, bye in byes:
-                conn.execute(update(clients).where(clients.c.id == session.client_id).values(status="finished"))
+                conn.execute(
+                    update(clients).where(clients.c.id == session.client_id).values(status="finished", last_seen=now)
+                )
                 events.append(Event("client", session.run_id, {"node_id": session.node_id, "status": "finished"}))
                 if self._run_is_over(conn, session, bye):
                     status = conn.execute(select(runs.c.status).where(runs.c.id == session.run_id)).scalar()
@@ -253,6 +280,10 @@ class SqlStore(ReadQueries, ControlStore):
                             final = "finished"
                         conn.execute(update(runs).where(runs.c.id == session.run_id).values(status=final, ended_at=now))
                         events.append(Event("run", session.run_id, {"id": session.run_id, "status": final}))
+        if len(last_seen) > 100_000:  # clients of runs long over; the next batch of each writes again
+            last_seen.clear()
+        for client_id in touched:  # only once committed: a failed batch wrote nothing
+            last_seen[client_id] = now_s
         return events
 
     @staticmethod

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from .base import Session
 from .models import _SUMS, round_clients, round_totals
@@ -59,39 +59,58 @@ def _contribution(row: dict[str, Any], pue: float) -> dict[str, Any]:
     }
 
 
-def _load(conn: Connection, table: Any, keys: Iterable[tuple[int, ...]], names: tuple[str, ...]) -> dict[Any, Any]:
+class _Table:
+    """A totals table's statements, built once: built per batch they cost more than the database."""
+
+    def __init__(self, table: Any, names: tuple[str, ...]) -> None:
+        self.names = names
+        # IN lists per key column use the primary key; the few extra rows they match are dropped.
+        self.load = select(table).where(
+            and_(*[table.c[n].in_(bindparam(f"k_{n}", expanding=True)) for n in names])
+        )
+        self.insert = insert(table)
+        # SET takes every other column from the parameters (all rows carry every column).
+        self.update = update(table).where(and_(*[table.c[n] == bindparam(f"k_{n}") for n in names]))
+
+
+_CLIENTS = _Table(round_clients, ("run_id", "round", "client_id"))
+_ROUNDS = _Table(round_totals, ("run_id", "round"))
+
+
+def _load(conn: Connection, table: _Table, keys: Iterable[tuple[int, ...]]) -> dict[Any, Any]:
     wanted = set(keys)
     if not wanted:
         return {}
-    # IN lists per key column use the primary key; the few extra rows they match are dropped here.
-    condition = and_(*[getattr(table.c, n).in_(sorted({k[i] for k in wanted})) for i, n in enumerate(names)])
+    names = table.names
+    params = {f"k_{n}": sorted({k[i] for k in wanted}) for i, n in enumerate(names)}
     found: dict[Any, Any] = {}
-    for row in conn.execute(select(table).where(condition)).mappings():
+    for row in conn.execute(table.load, params).mappings():
         key = tuple(row[n] for n in names)
         if key in wanted:
             found[key] = dict(row)
     return found
 
 
-def _save(conn: Connection, table: Any, names: tuple[str, ...], new: dict[Any, dict[str, Any]],
-          existing: dict[Any, Any]) -> None:
+def _save(conn: Connection, table: _Table, new: dict[Any, dict[str, Any]], existing: dict[Any, Any]) -> None:
     inserts = [row for key, row in new.items() if key not in existing]
     if inserts:
-        conn.execute(insert(table), inserts)
-    for key, row in new.items():
-        if key in existing:
-            condition = and_(*[getattr(table.c, n) == v for n, v in zip(names, key)])
-            conn.execute(update(table).where(condition).values(**{k: v for k, v in row.items() if k not in names}))
+        conn.execute(table.insert, inserts)
+    names = table.names
+    updates = [
+        {**{k: v for k, v in row.items() if k not in names}, **{f"k_{n}": v for n, v in zip(names, key)}}
+        for key, row in new.items()
+        if key in existing
+    ]
+    if updates:
+        conn.execute(table.update, updates)
 
 
 def accumulate(conn: Connection, stored: list[tuple[Session, dict[str, Any]]]) -> None:
     """Add newly stored report rows (each with its session) to the running totals."""
     if not stored:
         return
-    client_names = ("run_id", "round", "client_id")
-    round_names = ("run_id", "round")
     keys = {(s.run_id, row["round"], s.client_id) for s, row in stored}
-    old_clients = _load(conn, round_clients, keys, client_names)
+    old_clients = _load(conn, _CLIENTS, keys)
     new_clients: dict[Any, dict[str, Any]] = {}
     for session, row in stored:
         key = (session.run_id, row["round"], session.client_id)
@@ -107,7 +126,7 @@ def accumulate(conn: Connection, stored: list[tuple[Session, dict[str, Any]]]) -
         new_clients[key] = current
 
     round_keys = {(k[0], k[1]) for k in new_clients}
-    old_rounds = _load(conn, round_totals, round_keys, round_names)
+    old_rounds = _load(conn, _ROUNDS, round_keys)
     new_rounds: dict[Any, dict[str, Any]] = {
         key: dict(old_rounds.get(key) or {"run_id": key[0], "round": key[1], "clients": 0, "num_examples": 0,
                                           "started_at": None, "ended_at": None,
@@ -137,5 +156,5 @@ def accumulate(conn: Connection, stored: list[tuple[Session, dict[str, Any]]]) -
         total["started_at"] = _min(total["started_at"], now["started_at"])
         total["ended_at"] = _max(total["ended_at"], now["ended_at"])
 
-    _save(conn, round_clients, client_names, new_clients, old_clients)
-    _save(conn, round_totals, round_names, new_rounds, old_rounds)
+    _save(conn, _CLIENTS, new_clients, old_clients)
+    _save(conn, _ROUNDS, new_rounds, old_rounds)
