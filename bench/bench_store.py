@@ -87,7 +87,7 @@ def bench_hellos(store: SqlStore, counts: list[int], window: int = 1000) -> list
     for i in range(max(counts)):
         def hello(i: int = i) -> None:
             session, _ = store.open(_hello(run, f"n{i}"))
-            store.standing_commands(session.run_id)
+            store.standing_commands(session.run_id, session.node_id)  # as the hub does for a client
             if i < EXCLUDED:
                 store.request_command(session.run_id, "exclude", f"n{i}")
         wall, cpu = _timed(hello)

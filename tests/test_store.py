@@ -277,3 +277,25 @@ def test_run_accuracy_prefers_the_global_models(store: SqlStore) -> None:
     store.apply([(c, _round(1, 1, 0.001, accuracy=0.75)), (s, _round(1, 1, 0.0001, accuracy=0.71))])
 
     assert store.get_run(c.run_id)["accuracy"] == pytest.approx(0.71)  # type: ignore[index]
+
+
+def test_standing_commands_tell_a_joiner_its_own_exclusion_and_the_fl_server_every_one(store: SqlStore) -> None:
+    a, b, c = (_open(store, node=n) for n in ("a", "b", "c"))
+    run_id = a.run_id
+    store.request_command(run_id, "exclude", "a")
+    store.request_command(run_id, "exclude", "b")
+    store.request_command(run_id, "include", "b")
+    store.request_command(run_id, "exclude", "b")  # the latest exclude of b is the one in force
+    store.request_command(run_id, "pause")
+
+    for_a = store.standing_commands(run_id, "a")
+    for_c = store.standing_commands(run_id, "c")
+    for_server = store.standing_commands(run_id)
+
+    assert [(x["action"], x["node_id"]) for x in for_a] == [("pause", None), ("exclude", "a")]
+    assert [(x["action"], x["node_id"]) for x in for_c] == [("pause", None)]
+    assert [(x["action"], x["node_id"], x["id"]) for x in for_server] == [
+        ("pause", None, 5), ("exclude", "a", 1), ("exclude", "b", 4),
+    ]
+    assert store.standing_commands(run_id + 1, "a") == []
+    assert b.run_id == c.run_id == run_id

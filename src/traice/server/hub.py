@@ -237,7 +237,9 @@ class Hub:
 
     async def standing_commands(self, session: Session) -> list[Command]:
         """Commands in force that a worker joining now must obey (pause, stop, exclusions)."""
-        standing = await self._in_writer(self.store.standing_commands, session.run_id)
+        # A client needs only its own exclusion (one indexed lookup); the FL server, every one.
+        node_id = None if session.role == "server" else session.node_id
+        standing = await self._in_writer(self.store.standing_commands, session.run_id, node_id)
         return [
             Command(command_id=c["id"], action=c["action"], node_id=c["node_id"])
             for c in standing

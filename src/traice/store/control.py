@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, insert, select, update
 
 from .base import Event, StoreError
 from .models import clients, commands, rules, runs
@@ -22,6 +22,25 @@ ENDED = ("stopped", "finished", "failed")
 STATUS_ORDER = {"requested": 0, "acknowledged": 1, "done": 2, "failed": 2}
 RULE_KINDS = ("emissions_kg_over", "power_w_over", "accuracy_gain_per_100g_below")
 POWER_WINDOW_S = 60.0
+
+
+# What a hello asks, built once (a hello is the commonest control query): the run's status and
+# whether this node is excluded, through the (run_id, node_id) unique index; then, only if
+# something is in force, the latest command that put it there.
+_RUN_AND_NODE = (
+    select(runs.c.status, clients.c.excluded)
+    .select_from(runs)
+    .outerjoin(clients, and_(clients.c.run_id == runs.c.id, clients.c.node_id == bindparam("b_node")))
+    .where(runs.c.id == bindparam("b_run"))
+)
+_EXCLUDED_NODES = (
+    select(clients.c.node_id)
+    .where(clients.c.run_id == bindparam("b_run"), clients.c.excluded.is_(True))
+    .order_by(clients.c.id)
+)
+_LATEST = select(commands).where(commands.c.run_id == bindparam("b_run"), commands.c.action == bindparam("b_action"))
+_LATEST_FOR_RUN = _LATEST.where(commands.c.node_id.is_(None)).order_by(commands.c.id.desc()).limit(1)
+_LATEST_FOR_NODE = _LATEST.where(commands.c.node_id == bindparam("b_node")).order_by(commands.c.id.desc()).limit(1)
 
 
 def _now() -> datetime:
@@ -141,24 +160,28 @@ class ControlStore:
             ).mappings()
             return [_command_out(r) for r in rows]
 
-    def standing_commands(self, run_id: int) -> list[dict[str, Any]]:
-        """What a worker joining now must be told: the pause or stop in force, the exclusions."""
+    def standing_commands(self, run_id: int, node_id: str | None = None) -> list[dict[str, Any]]:
+        """What a worker joining now must be told: the pause or stop in force, the exclusions
+        (only its own when ``node_id`` is given; every one for the FL server)."""
         with self.engine.connect() as conn:
-            run = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            found = conn.execute(_RUN_AND_NODE, {"b_run": run_id, "b_node": node_id}).first()
+            if found is None:
+                return []
+            status, node_excluded = found
             wanted: list[tuple[str, str | None]] = []
-            if run == "paused":
+            if status == "paused":
                 wanted.append(("pause", None))
-            elif run == "stopping":
+            elif status == "stopping":
                 wanted.append(("stop", None))
-            excluded = conn.execute(
-                select(clients.c.node_id).where(clients.c.run_id == run_id, clients.c.excluded.is_(True))
-            ).scalars()
-            wanted += [("exclude", node) for node in excluded]
+            if node_id is None:
+                wanted += [("exclude", node) for node in conn.execute(_EXCLUDED_NODES, {"b_run": run_id}).scalars()]
+            elif node_excluded:
+                wanted.append(("exclude", node_id))
             standing = []
             for action, node in wanted:
-                query = select(commands).where(commands.c.run_id == run_id, commands.c.action == action)
-                query = query.where(commands.c.node_id == node if node else commands.c.node_id.is_(None))
-                latest = conn.execute(query.order_by(commands.c.id.desc()).limit(1)).mappings().first()
+                query = _LATEST_FOR_RUN if node is None else _LATEST_FOR_NODE
+                params = {"b_run": run_id, "b_action": action, "b_node": node}
+                latest = conn.execute(query, params).mappings().first()
                 if latest is not None:
                     standing.append(_command_out(latest))
             return standing
