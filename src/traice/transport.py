@@ -282,29 +282,49 @@ class Transport:
         self._last_logged = None
 
     def _serve(self, ws: ClientConnection) -> None:
-        while True:
-            batch: list[dict[str, Any]] = []
-            with self._cond:
-                if self._closing:
-                    return
-                for seq, message in self._pending.items():
-                    if seq >= self._send_from:
-                        batch.append(message)
-                        if len(batch) >= 200:
-                            break
-                if batch:
-                    self._send_from = batch[-1]["seq"] + 1
-            for message in batch:
-                ws.send(protocol.json_dumps(message))
-            # Read what the server said; wait a little only when there is nothing to send.
-            timeout = 0 if batch else 0.05
+        """Write what is pending as soon as it is queued; a reader thread handles the server's frames.
+
+        Nothing polls: the writer sleeps on the outbox's condition until ``send``, ``close`` or the
+        reader wakes it, so a report leaves at once and an idle worker costs no wakeups.
+        """
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                while True:
+                    self._handle(ws.recv())
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer, which reconnects or stops
+                with self._cond:
+                    failed.append(exc)
+                    self._cond.notify_all()
+
+        reader = threading.Thread(target=read, name="traice-transport-reader", daemon=True)
+        reader.start()
+        try:
             while True:
-                try:
-                    frame = ws.recv(timeout=timeout)
-                except TimeoutError:
-                    break
-                self._handle(frame)
-                timeout = 0
+                with self._cond:
+                    while not (self._closing or failed or self._unsent()):
+                        self._cond.wait()
+                    if failed:
+                        raise failed[0]
+                    if self._closing:
+                        return
+                    batch: list[dict[str, Any]] = []
+                    for seq, message in self._pending.items():
+                        if seq >= self._send_from:
+                            batch.append(message)
+                            if len(batch) >= 200:
+                                break
+                    self._send_from = batch[-1]["seq"] + 1
+                for message in batch:
+                    ws.send(protocol.json_dumps(message))
+        finally:
+            ws.close()
+            reader.join(timeout=2.0)
+
+    def _unsent(self) -> bool:
+        """True if a pending message has not been written on this connection (call under the lock)."""
+        return bool(self._pending) and next(reversed(self._pending)) >= self._send_from
 
     def _handle(self, frame: str | bytes) -> None:
         try:
