@@ -159,15 +159,16 @@ class TraiceClient:
         self._started = True
         return self
 
-    def stop(self, reason: str | None = None) -> bool:
+    def stop(self, reason: str | None = None, *, report_tail: bool = True) -> bool:
         """Report the energy since the last update, say bye, and deliver what is pending.
 
         Waits at most ``flush_timeout_s``; returns True if the server has everything.
+        ``report_tail=False`` leaves the energy since the last report out (someone else's).
         """
         if not self._started:
             return True
         self._meter.unsubscribe(self._on_sample)
-        tail = self._close_interval()
+        tail = self._close_interval() if report_tail else Reading(0.0)
         if tail.energy_kwh > 0:
             self._send_round(self._last_round if self._last_round is not None else 0, "tail", tail, {})
         bye: dict[str, Any] = {"type": "bye", "final": self.role == "server"}

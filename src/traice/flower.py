@@ -9,15 +9,19 @@ so workers need no configuration of their own; ``TRAICE_SERVER_URL`` / ``TRAICE_
 ``traice-country`` in a SuperNode's ``--node-config``, override it.
 
 Clients are kept in this module, one per (server, run, node) and one meter per process: in
-simulation one Ray actor serves many virtual nodes in turn; with the deployment engine each
-message runs in a fresh process.
+simulation one Ray actor serves many virtual nodes in turn (the most recently used
+``MAX_OPEN_CLIENTS`` stay connected); with the deployment engine each message runs in a fresh
+process, which waits for the server's ack before it returns its reply.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -36,8 +40,11 @@ RECORD = "traice"  # name of TRAICE's ConfigRecord; FedAvg would reject a second
 ACCURACY_KEYS = ("accuracy", "acc", "eval_acc", "eval_accuracy", "val_accuracy", "test_accuracy")
 LOSS_KEYS = ("loss", "eval_loss", "val_loss", "test_loss")
 DELIVERY_WAIT_S = 5.0
+#: Clients kept connected in one process; in a simulation of thousands of virtual nodes the least
+#: recently used are closed (each holds a socket and threads) and reconnect when sampled again.
+MAX_OPEN_CLIENTS = 64
 
-_clients: dict[tuple[str, str, str], TraiceClient] = {}
+_clients: OrderedDict[tuple[str, str, str], TraiceClient] = OrderedDict()
 _clients_lock = threading.Lock()
 # The meter reading at the end of this process's last message. In simulation one process serves
 # many virtual clients in turn; its energy between two messages is charged to the next message's
@@ -76,7 +83,9 @@ def _client_for(msg: Message, context: Context) -> TraiceClient:
     key = (server_url, run, node_id)
     with _clients_lock:
         client = _clients.get(key)
-        if client is None:
+        if client is not None:
+            _clients.move_to_end(key)
+        else:
             country = node_config.get("traice-country") or os.environ.get("TRAICE_COUNTRY") or settings.get("country")
             region = node_config.get("traice-region") or os.environ.get("TRAICE_REGION")
             client = TraiceClient(
@@ -95,7 +104,44 @@ def _client_for(msg: Message, context: Context) -> TraiceClient:
             )
             client.start()
             _clients[key] = client
+            while len(_clients) > MAX_OPEN_CLIENTS:
+                _, evicted = _clients.popitem(last=False)
+                # Off the training thread: stop() waits for the server's acks. No tail: this
+                # process's energy since that node's last message belongs to the nodes served since.
+                threading.Thread(target=evicted.stop, kwargs={"report_tail": False},
+                                 name="traice-evict", daemon=True).start()
     return client
+
+
+_in_ray_actor: bool | None = None
+
+
+def _long_lived() -> bool:
+    """True in a Ray actor of Flower's simulation, which serves message after message.
+
+    The deployment engine runs each message in a fresh ``flwr-clientapp`` process that exits right
+    after its reply: there the mod must wait for the server's ack before it returns.
+    """
+    global _in_ray_actor
+    if _in_ray_actor is None:
+        ray = sys.modules.get("ray")
+        try:
+            _in_ray_actor = bool(ray is not None and ray.is_initialized()
+                                 and ray.get_runtime_context().get_actor_id() is not None)
+        except Exception:  # noqa: BLE001 - an unexpected Ray: wait for acks, as a short-lived process must
+            _in_ray_actor = False
+        if _in_ray_actor:
+            atexit.register(_deliver_all)
+    return _in_ray_actor
+
+
+def _deliver_all(timeout_s: float = 3.0) -> None:
+    """At exit of a long-lived process: give every client's reports a last chance to reach the server."""
+    with _clients_lock:
+        clients = list(_clients.values())
+    for client in clients:
+        if not client.unreachable:
+            client.flush(timeout_s)
 
 
 def traice_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -155,8 +201,11 @@ def traice_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
             }
         )
     # Deliver before a short-lived ClientApp process exits (the deployment engine starts one per
-    # message, so the link may still be opening); never wait on a server known to be down.
-    if not client.unreachable:
+    # message, so the link may still be opening). A simulation's actor lives on and delivers in the
+    # background, training meanwhile; it waits only after the last planned round, whose reports would
+    # otherwise race the simulation's shutdown. Never wait on a server known to be down.
+    last_round = client.rounds_planned is not None and server_round >= client.rounds_planned
+    if not client.unreachable and (last_round or not _long_lived()):
         client.flush(DELIVERY_WAIT_S)
     return reply
 
