@@ -441,6 +441,34 @@ def test_a_restarted_leader_continues_from_the_files_and_samples_reach_listeners
     assert samples and all(s.cpu_w > 0 and s.ram_w > 0 and s.gpu_w == 0 for s in samples)
 
 
+def test_reads_between_intervals_are_estimated_without_measuring_and_never_go_back(tmp_path: Path) -> None:
+    """A round boundary must cost training nothing: once two charged intervals give this process's
+    energy per CPU second, a read is an estimate from its CPU time, not a measurement."""
+    meter = MachineShareMeter(dir=tmp_path, sample_interval_s=1.0)
+    meter.start()
+    try:
+        _busy_until(time.time() + 2.5)  # at least two intervals charged with our CPU time in them
+        seq_before = ledger.ledger_state(tmp_path)["seq"]
+        readings = []
+        for _ in range(50):
+            _busy_until(time.time() + 0.01)
+            asked = time.time()
+            readings.append(meter.read())
+            assert readings[-1].t >= asked  # fresh: it ends at the read, not at the last interval
+        seq_after = ledger.ledger_state(tmp_path)["seq"]
+        measured = meter._participant._measured_read()  # type: ignore[union-attr]
+        after = meter.read()
+    finally:
+        meter.stop()
+    # 50 reads over ~0.5 s: only the leader's own once-a-second intervals ran, no interval per read.
+    assert seq_after - seq_before <= 2
+    energies = [r.energy_kwh for r in readings]
+    assert all(b >= a for a, b in itertools.pairwise(energies))
+    assert energies[-1] > energies[0]  # the CPU time between reads is charged as it goes
+    # The charged figure takes over; a reading never goes back below an earlier estimate.
+    assert after.energy_kwh == max(measured.energy_kwh, energies[-1])
+
+
 _FORKING_LEADER = """
 import os, sys, time
 from traice.ledger import MachineShareMeter

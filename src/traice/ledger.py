@@ -34,13 +34,22 @@ machine's energy. So:
   it is longer than ``MAX_BACKFILL_S`` or if no process of the checkpoint is still registered (a
   new run after a finished one: nobody ran through the gap).
 
-Reads are fresh, not one interval late: :meth:`MachineShareMeter.read` drops a request file in
+Reads are cheap and fresh. Between two intervals a process's share grows with its CPU time (that
+is how the interval is apportioned), so :meth:`MachineShareMeter.read` estimates it from this
+process's CPU seconds since the last interval at the last interval's energy per CPU second: a few
+microseconds, no measurement, nothing to wait for, so a round boundary costs training nothing. The
+next interval replaces the estimate with the charged figure; readings are cumulative and never go
+back, so what the rounds report adds up to the ledger's total, give or take one interval's
+estimation error at the very end. Until the first interval after this process registered is
+charged (the first second of a run), when the last one held (almost) none of its CPU time, or while
+the leader lags, a read asks for an interval instead:
+it drops a request file in
 ``<dir>/requests/`` and waits (at most ``flush_timeout_s``, 1.5 s) for the leader to write an
 interval that ends after the request; the leader looks for requests every ``REQUEST_POLL_S``, so
 this usually takes a few milliseconds. A round's energy then ends at the round boundary, not up to
 a second later, which matters for short rounds. If the leader does not answer in time (it was just
 killed) the read returns the last value written: at most one interval late, never lost, since the
-next read catches up. Request files rather than the mtime of one file: mtime is jiffy-granular on
+next read catches up. ``MachineShareMeter(estimate_reads=False)`` always asks. Request files rather than the mtime of one file: mtime is jiffy-granular on
 tmpfs, two requests a few ms apart could look like one.
 
 The leader's work per interval is O(registered processes): one ``listdir``, two ``/proc`` reads
@@ -88,6 +97,10 @@ REQUEST_POLL_S = 0.02
 MIN_FIRST_INTERVAL_S = 0.5
 #: A failover gap longer than this is not charged (nobody was participating).
 MAX_BACKFILL_S = 10.0
+#: A read is estimated only from charged intervals with at least this much of our CPU time in them
+#: (a nearly idle interval's energy per CPU second says little), and at most this old.
+MIN_ESTIMATE_CPU_S = 0.02
+MAX_ESTIMATE_AGE_S = 3.0
 #: Participants together below this share of one core count as idle: the interval is split equally.
 #: The leader's own bookkeeping (this module and codecarbon's sampling thread) is 1-2 % of a core:
 #: it must not make the leader pay for an idle machine.
@@ -663,8 +676,12 @@ class _LostLock(Exception):
 class _Participant:
     """This process's membership in one ledger directory (shared by its meters on that directory)."""
 
-    def __init__(self, root: Path, country_iso_code: str, flush_timeout_s: float) -> None:
+    def __init__(self, root: Path, country_iso_code: str, flush_timeout_s: float,
+                 estimate_reads: bool = True) -> None:
         self.paths = _Paths(root)
+        self.estimate_reads = estimate_reads
+        # The last two charged intervals' ends: (cumulative energy, our CPU seconds), for estimates.
+        self._charged: list[tuple[Reading, float]] = []
         self.country_iso_code = country_iso_code
         self.flush_timeout_s = flush_timeout_s
         self.pid = os.getpid()
@@ -695,7 +712,10 @@ class _Participant:
         self._lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         me = psutil.Process()
         self.create_time = me.create_time()
-        self._register(_cpu_seconds(me))
+        cpu_s = _cpu_seconds(me)
+        self._register(cpu_s)
+        # Our share starts at zero at registration: with the first charged interval, reads can estimate.
+        self._charged = [(Reading(t=time.time()), cpu_s)]
         self._stop.clear()
         self._try_lead()  # the first participant leads from the start
         self._thread = threading.Thread(target=self._run, name="traice-ledger", daemon=True)
@@ -835,9 +855,47 @@ class _Participant:
     # ------------------------------------------------------------ readings
 
     def read(self) -> Reading:
-        """This process's cumulative energy, measured now (see the module docstring)."""
+        """This process's cumulative energy as of now (see the module docstring)."""
         if self.forked:
             return self._latest  # the parent's last figure; locks may have been held at the fork
+        if self.estimate_reads:
+            estimate = self._estimate()
+            if estimate is not None:
+                self._publish(estimate)
+                return self._current()
+        return self._measured_read()
+
+    def _estimate(self) -> Reading | None:
+        """Our energy now, from our CPU seconds since the last charged interval at its energy per
+        CPU second; None when the charged intervals cannot tell (too old, or too idle)."""
+        with self._state_lock:
+            if len(self._charged) < 2:
+                return None
+            (before, cpu_before), (last, cpu_last) = self._charged
+        now = time.time()
+        cpu_in_last = cpu_last - cpu_before
+        if cpu_in_last < MIN_ESTIMATE_CPU_S or now - last.t > MAX_ESTIMATE_AGE_S:
+            return None
+        times = os.times()  # this process's user + system seconds, as the leader counts them
+        k = max(0.0, times.user + times.system - cpu_last) / cpu_in_last
+        return Reading(
+            t=now,
+            cpu_kwh=last.cpu_kwh + k * max(0.0, last.cpu_kwh - before.cpu_kwh),
+            gpu_kwh=last.gpu_kwh + k * max(0.0, last.gpu_kwh - before.gpu_kwh),
+            ram_kwh=last.ram_kwh + k * max(0.0, last.ram_kwh - before.ram_kwh),
+        )
+
+    def _charged_interval(self, reading: Reading, cpu_s: Any) -> None:
+        """Remember a charged interval's end (from the leader or our energy file) for estimates."""
+        if not isinstance(cpu_s, (int, float)):
+            return
+        with self._state_lock:
+            if self._charged and reading.t <= self._charged[-1][0].t:
+                return
+            self._charged = [*self._charged[-1:], (reading, float(cpu_s))]
+
+    def _measured_read(self) -> Reading:
+        """Ask for an interval that ends now and return our figure from it."""
         if self._leader is not None:
             with self._interval_lock:
                 if self._leader is not None:
@@ -862,7 +920,7 @@ class _Participant:
                 break
             time.sleep(0.01)
         if self._leader is not None:  # became leader while waiting
-            return self.read()
+            return self._measured_read()
         return self._current()
 
     def _current(self) -> Reading:
@@ -875,6 +933,7 @@ class _Participant:
         if data is None or not _same_process(_num(data, "create_time"), self.create_time):
             return 0.0  # not charged yet, or the file of an earlier process with our pid
         reading = _reading_from(data)
+        self._charged_interval(reading, data.get("cpu_s"))
         self._publish(reading)
         return reading.t
 
@@ -882,7 +941,9 @@ class _Participant:
         """The leader charged an interval; keep our own figure (the leader's process reads it here)."""
         if account is not None:
             e = account.energy
-            self._publish(Reading(t=t_end, cpu_kwh=e.cpu_kwh, gpu_kwh=e.gpu_kwh, ram_kwh=e.ram_kwh))
+            reading = Reading(t=t_end, cpu_kwh=e.cpu_kwh, gpu_kwh=e.gpu_kwh, ram_kwh=e.ram_kwh)
+            self._charged_interval(reading, account.cpu_s)
+            self._publish(reading)
 
     def _publish(self, reading: Reading) -> None:
         with self._state_lock:
@@ -954,8 +1015,10 @@ class MachineShareMeter(SampleFeed):
         sample_interval_s: float = 5.0,
         dir: str | os.PathLike[str] | None = None,
         flush_timeout_s: float = 1.5,
+        estimate_reads: bool = True,
     ) -> None:
         self.country_iso_code = country_iso_code
+        self.estimate_reads = estimate_reads
         self.sample_interval_s = sample_interval_s
         self.dir = Path(dir) if dir is not None else default_dir()
         self.flush_timeout_s = flush_timeout_s
@@ -976,7 +1039,8 @@ class MachineShareMeter(SampleFeed):
             with _participants_lock:
                 participant = _participants.get(key)
                 if participant is None:
-                    participant = _Participant(key, self.country_iso_code, self.flush_timeout_s)
+                    participant = _Participant(key, self.country_iso_code, self.flush_timeout_s,
+                                               self.estimate_reads)
                     participant.start()
                     _participants[key] = participant
                 participant.refs += 1
