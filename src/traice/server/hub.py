@@ -28,6 +28,12 @@ from ..store.base import Event, Op, Session, Store, StoreError
 log = logging.getLogger("traice.server")
 
 MAX_BATCH = 1000
+# Group commit: a batch smaller than LINGER_BELOW waits LINGER_S for more before it is written.
+# Under a trickle (a sample every few ms from many sockets) this turns many one-sample
+# transactions into a few bigger ones, for a few ms of latency; under load batches are big and
+# never wait. Nothing is acknowledged before its batch is committed.
+LINGER_S = 0.005
+LINGER_BELOW = 100
 DASHBOARD_QUEUE = 10_000
 
 
@@ -106,13 +112,20 @@ class Hub:
         assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            self._take_queued(batch)
+            if len(batch) < LINGER_BELOW:
+                await asyncio.sleep(LINGER_S)
+                self._take_queued(batch)
             try:
                 await self._write(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    def _take_queued(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
+        assert self._queue is not None
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
 
     async def _write(self, batch: list[tuple[Op, asyncio.Future[None]]]) -> None:
         ops = [op for op, _ in batch]
