@@ -82,3 +82,36 @@ def test_demo_accounts_every_component_and_forecasts_its_total(tmp_path: Path) -
     print(f"forecast after {rounds_planned // 5} of {rounds_planned} rounds: error {error:.1%} (Carbontracker-style: {carbontracker_error:.1%})")
     assert error < 0.15
     assert error < carbontracker_error
+
+
+@pytest.mark.flower
+@pytest.mark.timeout(600)
+def test_a_simulation_with_more_nodes_than_open_clients_keeps_every_report(tmp_path: Path) -> None:
+    """One Ray actor serves every virtual node; with TRAICE_MAX_OPEN_CLIENTS=2 the mod closes the
+    least recently used node's client after each message and reconnects it when it is sampled
+    again. Every train and evaluate message must still be stored once, in a finished run."""
+    import sqlite3
+
+    database = tmp_path / "demo.db"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TRAICE_MAX_OPEN_CLIENTS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "traice", "demo", "--rounds", "3", "--clients", "5", "--no-browser", "--no-serve",
+         "--port", "0", "--database-url", f"sqlite:///{database}", "--run", "evicting"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540,
+    )
+    (tmp_path / "demo.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    with sqlite3.connect(database) as db:
+        status = db.execute("SELECT status FROM runs WHERE name = 'evicting'").fetchone()
+        reports = db.execute(
+            "SELECT c.node_id, r.round, r.phase, r.session FROM reports r JOIN clients c ON c.id = r.client_id"
+            " WHERE c.role = 'client' AND r.phase IN ('train', 'evaluate')"
+        ).fetchall()
+    assert status == ("finished",)
+    triples = sorted((node, rnd, phase) for node, rnd, phase, _ in reports)
+    expected = sorted((f"client-{i}", rnd, phase) for i in range(5) for rnd in (1, 2, 3)
+                      for phase in ("train", "evaluate"))
+    assert triples == expected  # each message once: nothing lost, nothing doubled by the reconnects
+    sessions = {node: {s for n, _, _, s in reports if n == node} for node, _, _, _ in reports}
+    assert all(len(s) >= 2 for s in sessions.values())  # every node was closed and came back

@@ -40,9 +40,10 @@ RECORD = "traice"  # name of TRAICE's ConfigRecord; FedAvg would reject a second
 ACCURACY_KEYS = ("accuracy", "acc", "eval_acc", "eval_accuracy", "val_accuracy", "test_accuracy")
 LOSS_KEYS = ("loss", "eval_loss", "val_loss", "test_loss")
 DELIVERY_WAIT_S = 5.0
-#: Clients kept connected in one process; in a simulation of thousands of virtual nodes the least
-#: recently used are closed (each holds a socket and threads) and reconnect when sampled again.
-MAX_OPEN_CLIENTS = 64
+#: Clients kept connected in one process (``TRAICE_MAX_OPEN_CLIENTS``); in a simulation of thousands
+#: of virtual nodes the least recently used are closed (each holds a socket and threads) and
+#: reconnect, as a new session, when sampled again.
+MAX_OPEN_CLIENTS = int(os.environ.get("TRAICE_MAX_OPEN_CLIENTS") or 64)
 
 _clients: OrderedDict[tuple[str, str, str], TraiceClient] = OrderedDict()
 _clients_lock = threading.Lock()
