@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,9 +27,13 @@ def start_demo(server: ServerThread, run: str, rounds: int, log: Path) -> subpro
         )
 
 
-def end_demo(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process's whole group (each child here leads its own) and reap it."""
+    if process.poll() is not None:
+        return  # reaped: its pid, and so its group id, may belong to someone else by now
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(30)
 
 
@@ -38,25 +43,42 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(
-    args: list[str], log: Path, env: dict[str, str] | None = None, port: int | None = None, timeout_s: float = 60.0
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``traice server`` on 127.0.0.1 in its own process group; returns it and its URL once it answers."""
+def spawn_server(args: list[str], log: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``traice server`` on 127.0.0.1 in its own process group; returns it and its URL at once.
+
+    The developer's own ``TRAICE_*`` settings are not passed on: a test says what it runs.
+    """
     port = port or free_port()
-    with log.open("ab") as out:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAICE_")}
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "traice", "server", "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env={**inherited, **(env or {})}, start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_answers(process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float = 60.0) -> None:
+    """Wait until a spawned server answers ``/healthz`` with 200; fail with its log if it exits or never does."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"traice server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            httpx.get(f"{url}/healthz", timeout=1.0)
-            return process, url
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.1)
-    end_demo(process)
+            pass
+        time.sleep(0.1)
+    kill_group(process)
     raise RuntimeError(f"traice server did not answer within {timeout_s} s:\n{log.read_text()}")
+
+
+def start_server(
+    args: list[str], log: Path, env: dict[str, str] | None = None, port: int | None = None, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``traice server`` on 127.0.0.1 in its own process group; returns it and its URL once it answers."""
+    process, url = spawn_server(args, log, env, port)
+    wait_answers(process, url, log, timeout_s)
+    return process, url

@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from processes import end_demo, start_demo
-from conftest import ARTIFACTS
 
+from conftest import ARTIFACTS
+from processes import kill_group, start_demo
 from traice.server import ServerThread
 
 
@@ -77,4 +77,4 @@ def test_pause_resume_and_stop_a_flower_run_from_the_dashboard(
         assert errors == []
     finally:
         page.close()
-        end_demo(demo)
+        kill_group(demo)

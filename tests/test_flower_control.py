@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from processes import end_demo, start_demo
 
+from processes import kill_group, start_demo
 from traice.server import ServerThread
 
 
@@ -74,4 +74,4 @@ def test_pause_resume_exclude_and_stop_a_flower_run(server: ServerThread, api: h
         assert final["status"] == "stopped" and final["rounds"] < 60
         assert command_done(api, run_id, stop["id"]) is not None
     finally:
-        end_demo(demo)
+        kill_group(demo)

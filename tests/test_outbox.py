@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import end_demo, free_port, start_server
+from processes import free_port, kill_group, start_server
 from traice.outbox import DiskOutbox, OutboxInUse
 
 WORKER = textwrap.dedent(
@@ -66,7 +66,7 @@ def test_reports_outlive_a_killed_worker(tmp_path: Path) -> None:
         (run,) = httpx.get(f"{url}/api/runs").json()
         per_client = httpx.get(f"{url}/api/runs/{run['id']}/rounds/clients").json()
     finally:
-        end_demo(server)
+        kill_group(server)
 
     assert sorted(r["round"] for r in per_client) == list(range(1, 9))  # each round once, none lost
     assert {r["node_id"] for r in per_client} == {"w1"}

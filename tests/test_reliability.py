@@ -40,6 +40,7 @@ from sqlalchemy import create_engine, select, text
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
+from processes import free_port, kill_group, spawn_server, wait_answers
 from traice.server import ServerThread, create_app
 from traice.store import normalize_database_url
 from traice.store.models import clients, reports, runs
@@ -55,22 +56,6 @@ CHILD_ENV = {k: v for k, v in os.environ.items() if not k.startswith("TRAICE_")}
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process's whole group (each child here leads its own) and reap it."""
-    if process.poll() is not None:
-        return  # reaped: its pid, and so its group id, may belong to someone else by now
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(30)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -92,29 +77,9 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interv
         time.sleep(interval_s)
 
 
-def spawn_server(port: int, database_url: str, log: Path) -> subprocess.Popen[bytes]:
-    """``python -m traice server`` on 127.0.0.1:``port``, in its own process group (see :func:`wait_answers`)."""
-    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "traice", "server", "--host", "127.0.0.1", "--port", str(port),
-             # RELIABILITY_LOG_LEVEL=debug logs every frame to the server's log in tmp_path
-             "--database-url", database_url, "--log-level", os.environ.get("RELIABILITY_LOG_LEVEL", "warning")],
-            stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, start_new_session=True,
-        )
-
-
-def wait_answers(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Wait until the spawned server answers /healthz with 200."""
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"traice server exited with {process.returncode}:\n{tail(log)}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(answers, 60, f"the server on port {port} to answer /healthz")
+def server_args(database_url: str) -> list[str]:
+    # RELIABILITY_LOG_LEVEL=debug logs every frame to the server's log in tmp_path
+    return ["--database-url", database_url, "--log-level", os.environ.get("RELIABILITY_LOG_LEVEL", "warning")]
 
 
 @dataclass
@@ -393,12 +358,12 @@ def test_server_killed_mid_run_and_restarted_loses_and_doubles_nothing(tmp_path:
     nodes = ["w1", "w2", "w3"]
     started: list[subprocess.Popen[bytes]] = []
     try:
-        server = spawn_server(port, database_url, tmp_path / "server-1.log")
+        server, _ = spawn_server(server_args(database_url), tmp_path / "server-1.log", CHILD_ENV, port)
         started.append(server)
         # The workers start with it (they retry until it answers): both take seconds to import.
         workers = [start_worker(tmp_path, url, "sigkill", node, rounds=60, interval_s=0.2) for node in nodes]
         started += [w.process for w in workers]
-        wait_answers(server, port, tmp_path / "server-1.log")
+        wait_answers(server, url, tmp_path / "server-1.log")
         wait_until(each_has_rounds(url, "sigkill", nodes, 2), 90, "every worker to have 2 rounds stored")
         log.info("workers reporting; killing the server")
 
@@ -408,8 +373,8 @@ def test_server_killed_mid_run_and_restarted_loses_and_doubles_nothing(tmp_path:
         assert all(w.process.poll() is None for w in workers), "the workers must still be running"
         time.sleep(3)  # the server is gone; the workers keep training and reporting
         restarted_at = time.time()
-        started.append(spawn_server(port, database_url, tmp_path / "server-2.log"))
-        wait_answers(started[-1], port, tmp_path / "server-2.log")
+        started.append(spawn_server(server_args(database_url), tmp_path / "server-2.log", CHILD_ENV, port)[0])
+        wait_answers(started[-1], url, tmp_path / "server-2.log")
         log.info("server restarted")
 
         results = [w.result(timeout_s=120) for w in workers]
@@ -590,7 +555,7 @@ def test_database_outage_holds_reports_and_tells_dashboards(
     proxies: list[CuttableProxy] = []
     page = None
     try:
-        server = spawn_server(port, database_url, tmp_path / "server.log")
+        server, _ = spawn_server(server_args(database_url), tmp_path / "server.log", CHILD_ENV, port)
         started.append(server)
         # Two workers, their connections counted by a proxy (never cut here; it counts only the
         # connections it could pass on to the server). They start with the server and retry until it answers.
@@ -605,7 +570,7 @@ def test_database_outage_holds_reports_and_tells_dashboards(
         go = tmp_path / "late-worker-go"
         late = start_worker(tmp_path, late_proxy.url, "outage-late", "late", rounds=8, start_when=go)
         started.append(late.process)
-        wait_answers(server, port, tmp_path / "server.log")
+        wait_answers(server, url, tmp_path / "server.log")
         log.info("server up")
         dashboard = Dashboard(url)
         dashboards.append(dashboard)

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
-from wire import dial, hello, recv_json, round_msg
 
-from processes import end_demo, free_port, start_server
+from processes import free_port, kill_group, start_server
 from traice import TraiceClient
 from traice.measure import Reading
+from wire import dial, hello, recv_json, round_msg
 
 ADMIN = "admin-6f1c0e5b9d2a4e8c"
 WORKER = "worker-3b7d9f1a2c4e6a8b"
@@ -62,7 +62,7 @@ def secured(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     try:
         yield url, log
     finally:
-        end_demo(process)
+        kill_group(process)
 
 
 @pytest.mark.parametrize(
@@ -204,7 +204,7 @@ def limited(tmp_path: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        end_demo(process)
+        kill_group(process)
 
 
 def test_limits_refuse_with_clear_errors(limited: str) -> None:
