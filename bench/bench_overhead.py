@@ -26,17 +26,16 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from _procs import kill_group, traice_server
 
 HERE = Path(__file__).resolve()
 
@@ -181,12 +180,6 @@ def _loop_run(args: argparse.Namespace) -> None:
 # =============================================================================== orchestrator
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _child(mode: str, tracked: bool, args: argparse.Namespace, server_url: str, env: dict[str, str],
            run: str, no_flush: bool = False) -> dict[str, Any]:
     rounds = args.loop_rounds if mode == "loop" else args.rounds
@@ -203,13 +196,11 @@ def _child(mode: str, tracked: bool, args: argparse.Namespace, server_url: str, 
     try:
         out, err = proc.communicate(timeout=args.run_timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         proc.communicate()
         raise RuntimeError(f"{mode} run exceeded {args.run_timeout:.0f} s") from None
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray's helpers, if any outlived the run
+        kill_group(proc)  # Ray's helpers, if any outlived the run
     machine1 = _machine_cpu()
     lines = [line for line in out.splitlines() if line.startswith("@@")]
     if proc.returncode != 0 or not lines:
@@ -269,27 +260,12 @@ def main() -> None:
            "TRAICE_LEDGER_DIR": str(workdir / "ledger"), "RAY_DEDUP_LOGS": "0"}
     for name in ("TRAICE_SERVER_URL", "TRAICE_RUN", "TRAICE_TOKEN", "TRAICE_TRACKING_MODE"):
         env.pop(name, None)
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "traice", "server", "--port", str(port), "--database-url",
-         f"sqlite:///{workdir / 'overhead.db'}", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"),  # noqa: SIM115 -- the server's lifetime
-        env=env, start_new_session=True,
-    )
-    server_url = f"http://127.0.0.1:{port}"
     started = datetime.now(timezone.utc)
     print(f"bench_overhead {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load average before "
           f"{os.getloadavg()[0]:.2f}; {args.clients} clients, {args.rounds} rounds, {args.pairs} pairs per mode")
     results: dict[str, Any] = {"started": started.isoformat(), "args": {k: v for k, v in vars(args).items()
                                                                        if v is not None and k != "json"}}
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(Exception), urllib.request.urlopen(server_url + "/healthz", timeout=2):
-                break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"TRAICE server did not start; see {workdir / 'server.log'}")
-            time.sleep(0.2)
+    with traice_server(f"sqlite:///{workdir / 'overhead.db'}", workdir / "server.log", env) as server_url:
         modes = ["flower", "loop"] if args.mode == "both" else [args.mode]
         failures: list[str] = []
         results["failures"] = failures
@@ -335,14 +311,6 @@ def main() -> None:
                     nf = " ".join(f"{x:.3f}" for x in s["no_flush_ratios"])
                     print(f"{'':<7} {'  without flush':<18} {'':>21} {'':>19} {nf:<40} {s['no_flush_median_ratio']:>10.3f}")
         print(f"\nload average after: {os.getloadavg()[0]:.2f} (other work on the machine adds noise to every run)")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,18 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from _procs import kill_group, traice_server
+
 HERE = Path(__file__).resolve()
 
 
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=60) as response:
         return json.loads(response.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # =============================================================================== the simulation (child)
@@ -204,81 +199,55 @@ def main() -> None:
            "TRAICE_LEDGER_DIR": str(workdir / "ledger"), "RAY_DEDUP_LOGS": "0"}
     for name in ("TRAICE_SERVER_URL", "TRAICE_RUN", "TRAICE_TOKEN", "TRAICE_TRACKING_MODE"):
         env.pop(name, None)
-    port = _free_port()
-    server_url = f"http://127.0.0.1:{port}"
     run_name = f"sim-{args.clients}x{args.per_round}-{datetime.now(timezone.utc):%H%M%S}"
     started = datetime.now(timezone.utc)
     print(f"bench_simulation {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f}: {args.clients} virtual clients, {args.per_round} per round, "
           f"{args.rounds} rounds, run {run_name}", flush=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "traice", "server", "--port", str(port), "--database-url", f"sqlite:///{db_path}",
-         "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"),  # noqa: SIM115 -- the server's lifetime
-        env=env, start_new_session=True,
-    )
     sim: subprocess.Popen[str] | None = None
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(Exception):
-                _get(server_url + "/healthz")
-                break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"TRAICE server did not start; see {workdir / 'server.log'}")
-            time.sleep(0.2)
-        sim = subprocess.Popen(
-            [sys.executable, str(HERE), "--role", "simulate", "--clients", str(args.clients), "--per-round",
-             str(args.per_round), "--rounds", str(args.rounds), "--examples", str(args.examples), "--seed",
-             str(args.seed), "--server-url", server_url, "--run", run_name],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        )
-        progress: list[str] = []
-
-        def relay() -> None:  # round lines as they come, the rest kept for a failure report
-            assert sim is not None and sim.stderr is not None
-            for line in sim.stderr:
-                progress.append(line)
-                del progress[:-200]
-                if line.startswith("round "):
-                    print("   " + line.rstrip(), flush=True)
-
-        relay_thread = threading.Thread(target=relay, daemon=True)
-        relay_thread.start()
-        def watchdog() -> None:
-            assert sim is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sim.pid, signal.SIGKILL)
-            print(f"   the simulation exceeded --timeout {args.timeout:.0f} s and was killed", flush=True)
-
-        timer = threading.Timer(args.timeout, watchdog)
-        timer.start()
+    with traice_server(f"sqlite:///{db_path}", workdir / "server.log", env) as server_url:
         try:
-            out = sim.stdout.read() if sim.stdout else ""
-            sim.wait(timeout=30)
+            sim = subprocess.Popen(
+                [sys.executable, str(HERE), "--role", "simulate", "--clients", str(args.clients), "--per-round",
+                 str(args.per_round), "--rounds", str(args.rounds), "--examples", str(args.examples), "--seed",
+                 str(args.seed), "--server-url", server_url, "--run", run_name],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+            )
+            progress: list[str] = []
+
+            def relay() -> None:  # round lines as they come, the rest kept for a failure report
+                assert sim is not None and sim.stderr is not None
+                for line in sim.stderr:
+                    progress.append(line)
+                    del progress[:-200]
+                    if line.startswith("round "):
+                        print("   " + line.rstrip(), flush=True)
+
+            relay_thread = threading.Thread(target=relay, daemon=True)
+            relay_thread.start()
+            def watchdog() -> None:
+                assert sim is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(sim.pid, signal.SIGKILL)
+                print(f"   the simulation exceeded --timeout {args.timeout:.0f} s and was killed", flush=True)
+
+            timer = threading.Timer(args.timeout, watchdog)
+            timer.start()
+            try:
+                out = sim.stdout.read() if sim.stdout else ""
+                sim.wait(timeout=30)
+            finally:
+                timer.cancel()
+            relay_thread.join(5)
+            lines = [line for line in out.splitlines() if line.startswith("@@")]
+            if sim.returncode != 0 or not lines:
+                raise RuntimeError(f"simulation failed ({sim.returncode}):\n{''.join(progress[-40:])}")
+            flower = json.loads(lines[-1][2:])
+            time.sleep(1.0)  # the last reports are flushed before the simulation exits; let the writer commit
+            check = verify(server_url, db_path, run_name, flower, args)
         finally:
-            timer.cancel()
-        relay_thread.join(5)
-        lines = [line for line in out.splitlines() if line.startswith("@@")]
-        if sim.returncode != 0 or not lines:
-            raise RuntimeError(f"simulation failed ({sim.returncode}):\n{''.join(progress[-40:])}")
-        flower = json.loads(lines[-1][2:])
-        time.sleep(1.0)  # the last reports are flushed before the simulation exits; let the writer commit
-        check = verify(server_url, db_path, run_name, flower, args)
-    finally:
-        if sim is not None and sim.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sim.pid, signal.SIGKILL)
-        if sim is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sim.pid, signal.SIGKILL)  # Ray's helpers
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+            if sim is not None:
+                kill_group(sim)  # Ray's helpers
     if args.json:
         args.json.write_text(json.dumps({"started": started.isoformat(), "args": {
             k: v for k, v in vars(args).items() if v is not None and k != "json"}, "flower": flower,
