@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -118,6 +119,37 @@ def test_server_going_away_mid_run_loses_nothing_and_doubles_nothing(tmp_path: P
 
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert [r["energy_kwh"] for r in rounds] == pytest.approx([r.energy_kwh for r in reported])
+
+
+def test_reports_sent_during_an_outage_do_not_cut_the_backoff_short() -> None:
+    """A server that comes back must not meet one reconnect per queued report from every worker."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts: list[float] = []
+
+    def refuse_all() -> None:  # accepts each TCP connection and closes it: every handshake fails
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                attempts.append(time.monotonic())
+                conn.close()
+
+    threading.Thread(target=refuse_all, daemon=True).start()
+    port = listener.getsockname()[1]
+    transport = Transport(worker_socket_url(f"http://127.0.0.1:{port}"), lambda: None)  # type: ignore[arg-type,return-value]
+    transport.start()
+    try:
+        began = time.monotonic()
+        for i in range(200):  # a worker that keeps reporting through the outage, for 2 s
+            transport.send({"type": "sample", "t": float(i)})
+            time.sleep(0.01)
+        window_s = time.monotonic() - began
+    finally:
+        transport.close(timeout_s=0)
+        listener.close()
+    # Backoff from 0.25 s, doubling, with 0.5-1.5x jitter: at most 6 attempts in ~2 s, not 200.
+    assert 1 <= len(attempts) <= 6, (len(attempts), window_s)
 
 
 def test_a_full_outbox_drops_live_samples_before_round_reports() -> None:

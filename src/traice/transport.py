@@ -262,9 +262,11 @@ class Transport:
                     backoff = min(backoff * 2, self._max_backoff_s)
 
     def _sleep(self, seconds: float) -> None:
+        """Back off for ``seconds``: a new report (which notifies) must not cut it short, only close()."""
+        deadline = time.monotonic() + seconds
         with self._cond:
-            if not self._closing:
-                self._cond.wait(seconds)
+            while not self._closing and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def _greet(self, ws: ClientConnection) -> None:
         ws.send(protocol.dumps(self._hello()))
