@@ -231,6 +231,9 @@ def test_openapi_lists_the_api(api: httpx.Client) -> None:
                  "/api/runs/{run_id}/samples", "/api/runs/{run_id}/rounds.csv", "/healthz"):
         assert path in paths
     assert api.get("/docs").status_code == 200
+    # Every API operation declares the refusals any of them can give: no token, database away.
+    operations = [op for path, item in paths.items() if path.startswith("/api/") for op in item.values()]
+    assert operations and all({"401", "503"} <= set(op["responses"]) for op in operations)
 
 
 def test_healthz_and_the_runs_page(api: httpx.Client) -> None:

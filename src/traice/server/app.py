@@ -57,7 +57,9 @@ def create_app(
     app.state.connections = ConnectionCounter(limits.max_connections_per_address)
     api.install_error_handlers(app)
     app.include_router(
-        api.router, dependencies=[Depends(api.require_admin)], responses={401: {"model": api.ErrorResponse}}
+        api.router, dependencies=[Depends(api.require_admin)],
+        # every route can meet a missing token, and a database that is away (api.py's handler)
+        responses={401: {"model": api.ErrorResponse}, 503: {"model": api.ErrorResponse}}
     )
     app.include_router(ws.router)
 
