@@ -76,6 +76,8 @@ def test_several_runs_at_once(server: ServerThread, api: httpx.Client) -> None:
         ('{"type":"round","seq":5,"round":1,"duration_s":1,"energy_kwh":NaN,"emissions_kg":0}', "invalid_message"),
         (json.dumps(round_msg(5, 1, energy_kwh=-0.5)), "invalid_message"),  # negative energy
         (json.dumps({**round_msg(5, 1), "emissions_kg": -1}), "invalid_message"),
+        (json.dumps(round_msg(5, 1, energy_kwh=1e308)), "invalid_message"),  # finite, but would overflow sums
+        (json.dumps({"type": "sample", "seq": 5, "t": 1.0, "cpu_w": 1e300}), "invalid_message"),
         (json.dumps({**round_msg(5, 1), "cpu_energy_kwh": 0.5}), "invalid_message"),  # parts do not add up
         (json.dumps({**round_msg(5, 1), "surprise": 1}), "invalid_message"),  # unknown field
         (json.dumps({"type": "sample", "seq": 5, "t": 1.0, "cpu_w": float("inf")}).replace("Infinity", "1e999"),

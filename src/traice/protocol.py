@@ -22,7 +22,11 @@ MAX_FRAME_BYTES = 1024 * 1024
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Physical bounds, far above any worker (a megawatt, a gigawatt-hour per report, a year in 3,000
+# years' time): a finite but absurd value such as 1e308 would overflow the run's sums to infinity.
+Watts = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+Kwh = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 #: Strings the server stores as text: PostgreSQL cannot hold a NUL character, so none may have one.
 NO_NUL = r"^[^\x00]*$"
@@ -48,7 +52,7 @@ class Hardware(_Message):
     cpu_count: int | None = Field(default=None, ge=0)
     gpu_model: str | None = None
     gpu_count: int | None = Field(default=None, ge=0)
-    ram_gb: NonNegative | None = None
+    ram_gb: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
     #: How codecarbon gets CPU power: "rapl", "cpu_load" (TDP x load estimate), "constant" ...
     cpu_power_method: str | None = None
 
@@ -58,7 +62,7 @@ class Location(_Message):
 
     country_iso_code: Annotated[str, Field(min_length=3, max_length=3, pattern=NO_NUL)] | None = None
     region: Annotated[str, Field(max_length=100, pattern=NO_NUL)] | None = None
-    intensity_g_per_kwh: NonNegative
+    intensity_g_per_kwh: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]  # coal is ~1,000
     intensity_source: Annotated[str, Field(max_length=200, pattern=NO_NUL)] | None = None
     #: Power usage effectiveness of the party's site, applied once to its measured energy.
     pue: Annotated[float, Field(ge=1.0, le=5.0, allow_inf_nan=False)] = 1.0
@@ -88,10 +92,10 @@ class Sample(_Message):
 
     type: Literal["sample"] = "sample"
     seq: Seq
-    t: NonNegative  # unix time, seconds
-    cpu_w: NonNegative = 0.0
-    gpu_w: NonNegative = 0.0
-    ram_w: NonNegative = 0.0
+    t: Seconds  # unix time
+    cpu_w: Watts = 0.0
+    gpu_w: Watts = 0.0
+    ram_w: Watts = 0.0
 
     @property
     def power_w(self) -> float:
@@ -108,13 +112,13 @@ class Round(_Message):
     #: measured after the last update, reported at stop so nothing is dropped; "idle" is a shared
     #: process's energy between two messages (duration 0: it is not the client's working time).
     phase: Literal["round", "train", "evaluate", "tail", "idle"] = "round"
-    started_at: NonNegative | None = None  # unix time, seconds
-    duration_s: NonNegative
-    cpu_energy_kwh: NonNegative = 0.0
-    gpu_energy_kwh: NonNegative = 0.0
-    ram_energy_kwh: NonNegative = 0.0
-    energy_kwh: NonNegative
-    emissions_kg: NonNegative
+    started_at: Seconds | None = None  # unix time
+    duration_s: Seconds
+    cpu_energy_kwh: Kwh = 0.0
+    gpu_energy_kwh: Kwh = 0.0
+    ram_energy_kwh: Kwh = 0.0
+    energy_kwh: Kwh
+    emissions_kg: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
     accuracy: Finite | None = None
     loss: Finite | None = None
     num_examples: Count | None = None
