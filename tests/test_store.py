@@ -299,3 +299,15 @@ def test_standing_commands_tell_a_joiner_its_own_exclusion_and_the_fl_server_eve
     ]
     assert store.standing_commands(run_id + 1, "a") == []
     assert b.run_id == c.run_id == run_id
+
+
+@pytest.mark.parametrize("size", [3, 40])  # PostgreSQL takes the bigger batch as arrays (ARRAYS_FROM)
+def test_a_sample_twice_in_one_batch_is_stored_once(store: SqlStore, size: int) -> None:
+    s = _open(store)
+    store.apply([(s, Sample(seq=1, t=1e9, cpu_w=1))])
+    batch = [(s, Sample(seq=n, t=1e9 + n, cpu_w=n)) for n in range(1, size)]
+
+    events = store.apply([*batch, batch[-1]])
+
+    assert [e.data["cpu_w"] for e in events] == list(range(2, size))
+    assert [x["cpu_w"] for x in store.samples(s.run_id)] == list(range(1, size))
