@@ -181,13 +181,14 @@ def main() -> None:
                              "where no worker sends twice within the store's last_seen resolution)")
     parser.add_argument("--trickle-rates", default="200,1000", help="samples/s fed to the hub's writer")
     parser.add_argument("--trickle-seconds", type=float, default=5.0)
-    parser.add_argument("--no-linger", action="store_true", help="the hub writes what is queued at once (no group commit)")
+    parser.add_argument("--linger-ms", type=float, default=None,
+                        help="the hub writer's group-commit linger (default: the hub's; 0: none)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.last_seen_every_batch:
         sql.LAST_SEEN_RESOLUTION_S = 0.0
-    if args.no_linger:
-        hub_module.LINGER_S = 0.0
+    if args.linger_ms is not None:
+        hub_module.LINGER_S = args.linger_ms / 1000
     sizes = [int(n) for n in args.sizes.split(",")]
     trickle = [int(n) for n in args.trickle_rates.split(",") if n]
     hellos = [int(n) for n in args.hellos.split(",") if n]
@@ -214,7 +215,8 @@ def main() -> None:
         print(f"| {'-' * 24} | {'-' * 4}: | {'-' * 15}: | {'-' * 12}: | {'-' * 9}: |")
         for r in rows:
             per_row = f"{r['cpu_us_per_row']:.0f}" if r["cpu_us_per_row"] is not None else ""
-            print(f"| {r['what']:<24} | {r['batches']:>5} | {r['wall_ms']:>16.2f} | {r['cpu_ms']:>13.2f} | {per_row:>10} |")
+            print(f"| {r['what']:<24} | {r['batches']:>5} | {r['wall_ms']:>16.2f} | {r['cpu_ms']:>13.2f} "
+                  f"| {per_row:>10} |")
         print(f"| {'hub writer':<16} | {'samples':>7} | {'transactions':>12} | {'CPU µs/sample':>13} "
               f"| {'writer thread':>13} | {'ack p50 ms':>10} | {'ack p99 ms':>10} |")
         print(f"| {'-' * 16} | {'-' * 6}: | {'-' * 11}: | {'-' * 12}: | {'-' * 12}: | {'-' * 9}: | {'-' * 9}: |")
