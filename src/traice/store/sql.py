@@ -95,7 +95,9 @@ class _Statements:
             .returning(reports.c.session, reports.c.seq)
         )
         self.touch_clients = (
-            update(clients).where(clients.c.id == bindparam("b_id")).values(last_seen=bindparam("b_now"))
+            update(clients)
+            .where(clients.c.id.in_(bindparam("b_ids", expanding=True)))
+            .values(last_seen=bindparam("b_now"))
         )
         self.run_by_id = select(runs).where(runs.c.id == bindparam("b_id"))
         self.active_run_by_name = (
@@ -294,7 +296,7 @@ class SqlStore(ReadQueries, ControlStore):
                     data["reported_at"] = iso(row["reported_at"])
                     events.append(Event("round", who.run_id, {"node_id": who.node_id, "role": who.role, **data}))
             if touched:
-                conn.execute(sql.touch_clients, [{"b_id": client_id, "b_now": now} for client_id in touched])
+                conn.execute(sql.touch_clients, {"b_ids": touched, "b_now": now})
             for session, bye in byes:
                 conn.execute(
                     update(clients).where(clients.c.id == session.client_id).values(status="finished", last_seen=now)
