@@ -504,3 +504,40 @@ def test_a_forked_child_does_not_inherit_the_leadership(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(leader.pid, signal.SIGKILL)  # and the child
             leader.wait(10)
+
+
+_LEADER = """
+import sys, time
+from traice.ledger import MachineShareMeter
+meter = MachineShareMeter(dir=sys.argv[1])
+meter.start()
+assert meter.is_leader
+print("leading", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_process_joining_a_measured_machine_does_not_wait_for_hardware_detection(tmp_path: Path) -> None:
+    """codecarbon's hardware detection takes a second or more; a standby needs its tracker only to take
+    over, so a worker joining a machine already measured starts at once and learns its hardware later."""
+    command = [sys.executable, "-c", _LEADER, str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True) as leader:
+        try:
+            assert leader.stdout is not None and leader.stdout.readline() == b"leading\n"
+            standby = MachineShareMeter(dir=tmp_path)
+            standby.start()
+            try:
+                detected_before_start_returned = standby._participant._hardware_ready.is_set()  # type: ignore[union-attr]
+                hardware = standby.hardware  # what hello sends: waits for the detection
+                reading = standby.read()
+                is_leader = standby.is_leader
+            finally:
+                standby.stop()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader.pid, signal.SIGKILL)
+            leader.wait(10)
+    assert not is_leader
+    assert not detected_before_start_returned
+    assert hardware.cpu_power_method is not None and hardware.cpu_count
+    assert reading.t > 0

@@ -58,7 +58,8 @@ measuring timer is stopped in the leader: the leader measures (``flush()``) ever
 and two threads measuring one tracker at the same moment would both charge the time since its last
 measurement. Every participant builds (but does not start) its machine tracker when it starts:
 codecarbon's hardware detection takes about a second, too long for a takeover; it also gives
-``hardware``.
+``hardware``. The first participant does so before it starts measuring; the others in the
+background, so that a worker joining a machine already measured does not wait for it.
 
 Limits: one ledger per user (``/tmp/traice-ledger-<uid>``): two users' ledgers on one machine
 each charge the whole machine. Processes in different PID namespaces or with different ``/tmp``
@@ -688,6 +689,7 @@ class _Participant:
         self.create_time = 0.0
         self.refs = 0
         self.hardware = Hardware()
+        self._hardware_ready = threading.Event()
         self.meters: list[MachineShareMeter] = []
         self._lock_fd: int | None = None
         self._leader: _Leader | None = None
@@ -706,9 +708,6 @@ class _Participant:
         import psutil
 
         self.paths.make()
-        tracker, totals = _make_tracker(self.country_iso_code)
-        self._prebuilt = (tracker, totals)  # ready for a fast takeover
-        self.hardware = describe_hardware(tracker)
         self._lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         me = psutil.Process()
         self.create_time = me.create_time()
@@ -717,9 +716,40 @@ class _Participant:
         # Our share starts at zero at registration: with the first charged interval, reads can estimate.
         self._charged = [(Reading(t=time.time()), cpu_s)]
         self._stop.clear()
-        self._try_lead()  # the first participant leads from the start
+        if not self._try_lead():  # the first participant leads from the start
+            # A standby needs its tracker only to take over: detect the hardware off the caller's thread.
+            threading.Thread(target=self._prebuild, name="traice-ledger-setup", daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="traice-ledger", daemon=True)
         self._thread.start()
+
+    def _prebuild(self) -> None:
+        try:
+            prebuilt = _make_tracker(self.country_iso_code)
+        except Exception:
+            log.exception("TRAICE ledger: hardware detection failed")
+            self._hardware_ready.set()  # hello goes without it rather than waiting for nothing
+            return
+        with self._interval_lock:
+            if self._leader is None and not self._stop.is_set():
+                self._prebuilt = prebuilt  # ready for a fast takeover
+        self._learn_hardware(prebuilt[0])
+
+    def _learn_hardware(self, tracker: Any) -> None:
+        if self._hardware_ready.is_set():
+            return
+        self.hardware = describe_hardware(tracker)
+        self._hardware_ready.set()
+        if self.hardware.cpu_power_method == "cpu_load":
+            _warn_once(
+                "cpu_load",
+                "TRAICE: no RAPL energy counters here; codecarbon estimates CPU power from "
+                "load (TDP x load). Energy figures are estimates.",
+            )
+
+    def wait_hardware(self, timeout_s: float = 10.0) -> Hardware:
+        """What codecarbon detected; waits (bounded) for a standby's detection in the background."""
+        self._hardware_ready.wait(timeout_s)
+        return self.hardware
 
     def stop(self) -> None:
         if self.forked:
@@ -778,6 +808,7 @@ class _Participant:
             return False
         tracker, totals = self._prebuilt or _make_tracker(self.country_iso_code)
         self._prebuilt = None
+        self._learn_hardware(tracker)
         leader = _Leader(self, tracker, totals)
         try:
             with self._interval_lock:
@@ -1022,7 +1053,6 @@ class MachineShareMeter(SampleFeed):
         self.sample_interval_s = sample_interval_s
         self.dir = Path(dir) if dir is not None else default_dir()
         self.flush_timeout_s = flush_timeout_s
-        self.hardware = Hardware()
         self._participant: _Participant | None = None
         self._lifecycle = threading.Lock()
         self._lock = threading.Lock()
@@ -1046,13 +1076,12 @@ class MachineShareMeter(SampleFeed):
                 participant.refs += 1
                 participant.meters.append(self)
             self._participant = participant
-            self.hardware = participant.hardware
-        if self.hardware.cpu_power_method == "cpu_load":
-            _warn_once(
-                "cpu_load",
-                "TRAICE: no RAPL energy counters here; codecarbon estimates CPU power from "
-                "load (TDP x load). Energy figures are estimates.",
-            )
+
+    @property
+    def hardware(self) -> Hardware:
+        """What codecarbon detected (for ``hello``); a joining process may wait for it a moment."""
+        participant = self._participant
+        return participant.wait_hardware() if participant is not None else Hardware()
 
     def stop(self) -> None:
         with self._lifecycle:

@@ -258,8 +258,8 @@ def _count_own_process_only(tracker: Any) -> None:
 class MeterLike(Protocol):
     """What a worker needs of a meter: :class:`Meter` or the ledger's ``MachineShareMeter``."""
 
-    hardware: Hardware
-
+    @property
+    def hardware(self) -> Hardware: ...
     @property
     def running(self) -> bool: ...
     def start(self) -> None: ...
