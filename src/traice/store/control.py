@@ -179,9 +179,11 @@ class ControlStore:
                 wanted.append(("exclude", node_id))
             standing = []
             for action, node in wanted:
-                query = _LATEST_FOR_RUN if node is None else _LATEST_FOR_NODE
-                params = {"b_run": run_id, "b_action": action, "b_node": node}
-                latest = conn.execute(query, params).mappings().first()
+                params: dict[str, Any] = {"b_run": run_id, "b_action": action}
+                if node is None:
+                    latest = conn.execute(_LATEST_FOR_RUN, params).mappings().first()
+                else:
+                    latest = conn.execute(_LATEST_FOR_NODE, {**params, "b_node": node}).mappings().first()
                 if latest is not None:
                     standing.append(_command_out(latest))
             return standing
