@@ -86,7 +86,11 @@ class Transport:
         self._connect_timeout_s = connect_timeout_s
         self._max_backoff_s = max_backoff_s
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        # Two conditions on one lock, so that an ack wakes only who waits for acks (flush), not the
+        # writer, which waits for a report to send, close, or its reader's failure.
+        self._cond = threading.Condition(lock)
+        self._acked = threading.Condition(lock)
         self._pending: OrderedDict[int, dict[str, Any]] = OrderedDict()  # seq -> message, unacked
         self._next_seq = 1
         self._send_from = 1  # lowest seq not yet written on the current connection
@@ -126,6 +130,7 @@ class Transport:
                 self._disk.add(self._session, seq, message)  # type: ignore[arg-type]
             if len(self._pending) > self._outbox_max:
                 self._drop_one()
+                self._acked.notify_all()  # a dropped report counts as done for flush()
             self._cond.notify_all()
             return seq
 
@@ -147,7 +152,7 @@ class Transport:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._acked.wait(remaining)
             return True
 
     def close(self, timeout_s: float = 10.0) -> bool:
@@ -340,7 +345,7 @@ class Transport:
                     del self._pending[seq]
                 if self._disk is not None and self._session is not None:
                     self._disk.remove_upto(self._session, message.seq)
-                self._cond.notify_all()
+                self._acked.notify_all()
         elif isinstance(message, Error):
             self._record_error(message)
             if message.code in CLOSING_REFUSALS:
@@ -351,7 +356,7 @@ class Transport:
                     self._pending.pop(message.seq, None)  # resending a refused message cannot help
                     if self._disk is not None and self._session is not None:
                         self._disk.remove(self._session, message.seq)
-                    self._cond.notify_all()
+                    self._acked.notify_all()
         elif isinstance(message, Command) and self._on_command is not None:
             self._on_command(message)
 
