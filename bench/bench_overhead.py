@@ -67,24 +67,7 @@ def _flower_run(args: argparse.Namespace) -> None:
         accuracy[server_round] = acc
 
     fed = {"partition": args.partition, "alpha": 1.0, "seed": args.seed}
-    if args.tracked and args.no_flush:
-        # Diagnostic: the demo's apps, but the mod does not wait for the server's ack after each
-        # message (traice_mod flushes for short-lived ClientApp processes; a Ray actor lives on).
-        from traice import flower as traice_flower
-
-        def no_flush_mod(msg: Any, context: Any, call_next: Any) -> Any:
-            traice_flower.DELIVERY_WAIT_S = 0.0  # set in the process that runs the ClientApp
-            return traice_flower.traice_mod(msg, context, call_next)
-
-        server_app = apps.make_server_app(
-            rounds=args.rounds, clients=args.clients, server_url=args.server_url, run=args.run,
-            country_iso_code="FRA", partition=args.partition, seed=args.seed, on_round=on_round,
-            tracking_mode="machine-share",
-        )
-        client_app = ClientApp(mods=[no_flush_mod])
-        client_app.train()(apps.train)
-        client_app.evaluate()(apps.evaluate)
-    elif args.tracked:
+    if args.tracked:
         server_app = apps.make_server_app(
             rounds=args.rounds, clients=args.clients, server_url=args.server_url, run=args.run,
             country_iso_code="FRA", partition=args.partition, seed=args.seed, on_round=on_round,
@@ -181,15 +164,13 @@ def _loop_run(args: argparse.Namespace) -> None:
 
 
 def _child(mode: str, tracked: bool, args: argparse.Namespace, server_url: str, env: dict[str, str],
-           run: str, no_flush: bool = False) -> dict[str, Any]:
+           run: str) -> dict[str, Any]:
     rounds = args.loop_rounds if mode == "loop" else args.rounds
     argv = [sys.executable, str(HERE), "--role", mode, "--rounds", str(rounds), "--clients", str(args.clients),
             "--seed", str(args.seed), "--partition", args.partition, "--server-url", server_url, "--run", run,
             "--local-epochs", str(args.local_epochs)]
     if tracked:
         argv.append("--tracked")
-    if no_flush:
-        argv.append("--no-flush")
     machine0 = _machine_cpu()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -235,9 +216,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--role", choices=["flower", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--tracked", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-flush", action="store_true",
-                        help="flower mode, diagnostic: also time a tracked variant whose mod does not wait for the "
-                        "server's ack after each message (traice_mod's flush)")
     parser.add_argument("--server-url", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,14 +251,11 @@ def main() -> None:
             runs: list[dict[str, Any]] = []
             print(f"\n== {mode}")
             for pair in range(args.pairs):
-                order: list[Any] = [True, False] if pair % 2 == 0 else [False, True]
-                if mode == "flower" and args.no_flush:
-                    order.insert(1, "no-flush")
+                order = [True, False] if pair % 2 == 0 else [False, True]
                 for tracked in order:
                     for attempt in range(1, args.attempts + 1):
                         try:
-                            r = _child(mode, bool(tracked), args, server_url, env,
-                                       f"overhead-{mode}-{pair}-{attempt}", no_flush=tracked == "no-flush")
+                            r = _child(mode, tracked, args, server_url, env, f"overhead-{mode}-{pair}-{attempt}")
                             break
                         except RuntimeError as exc:  # Ray fails to start now and then on a busy machine
                             failures.append(f"{mode} pair {pair} tracked={tracked} attempt {attempt}: {exc}")
@@ -290,7 +265,7 @@ def main() -> None:
                         raise RuntimeError(f"{mode} run failed {args.attempts} times; see {workdir}")
                     r.update(pair=pair, tracked=tracked)
                     runs.append(r)
-                    label = "tracked, no flush" if tracked == "no-flush" else "tracked" if tracked else "untracked"
+                    label = "tracked" if tracked else "untracked"
                     cpu = f"  training process CPU {r['steady_cpu_s']:6.2f} s" if "steady_cpu_s" in r else ""
                     print(f"   pair {pair} {label:<17} total {r['total_s']:7.2f} s  "
                           f"rounds 2-{r['rounds']} {r['steady_s']:7.2f} s{cpu}  machine busy "
@@ -307,9 +282,6 @@ def main() -> None:
                 pairs = " ".join(f"{x:.3f}" for x in s["ratios"])
                 print(f"{mode:<7} {label:<18} {s['untracked_median']:>21.2f} {s['tracked_median']:>19.2f} "
                       f"{pairs:<40} {s['median_ratio']:>10.3f}")
-                if "no_flush_ratios" in s:
-                    nf = " ".join(f"{x:.3f}" for x in s["no_flush_ratios"])
-                    print(f"{'':<7} {'  without flush':<18} {'':>21} {'':>19} {nf:<40} {s['no_flush_median_ratio']:>10.3f}")
         print(f"\nload average after: {os.getloadavg()[0]:.2f} (other work on the machine adds noise to every run)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -319,7 +291,7 @@ def main() -> None:
 def _ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("total_s", "steady_s"):
-        pairs: dict[int, dict[Any, float]] = {}
+        pairs: dict[int, dict[bool, float]] = {}
         for r in runs:
             pairs.setdefault(r["pair"], {})[r["tracked"]] = r[key]
         ratios = [p[True] / p[False] for p in pairs.values() if True in p and False in p]
@@ -329,10 +301,6 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "tracked_median": statistics.median(r[key] for r in runs if r["tracked"] is True),
             "untracked_median": statistics.median(r[key] for r in runs if r["tracked"] is False),
         }
-        no_flush = [p["no-flush"] / p[False] for p in pairs.values() if "no-flush" in p and False in p]
-        if no_flush:
-            out[key]["no_flush_ratios"] = [round(x, 4) for x in no_flush]
-            out[key]["no_flush_median_ratio"] = round(statistics.median(no_flush), 4)
     return out
 
 
