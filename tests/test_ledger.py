@@ -483,27 +483,34 @@ time.sleep(60)
 """
 
 
-def test_a_forked_child_does_not_inherit_the_leadership(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", _FORKING_LEADER, str(tmp_path)]
+@contextlib.contextmanager
+def _standby_beside(leader_script: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], MachineShareMeter]]:
+    """A process running ``leader_script`` leads the ledger in ``tmp_path``: yield it and a started standby."""
+    command = [sys.executable, "-c", leader_script, str(tmp_path)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True) as leader:
         try:
             assert leader.stdout is not None and leader.stdout.readline() == b"leading\n"
             standby = MachineShareMeter(dir=tmp_path)
             standby.start()
             try:
-                assert not standby.is_leader
-                leader.send_signal(signal.SIGKILL)  # the forked child lives on, with a copy of the descriptor
-                leader.wait(10)
-                deadline = time.time() + 5
-                while not standby.is_leader and time.time() < deadline:
-                    time.sleep(0.05)
-                assert standby.is_leader
+                yield leader, standby
             finally:
                 standby.stop()
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(leader.pid, signal.SIGKILL)  # and the child
+                os.killpg(leader.pid, signal.SIGKILL)  # and any child it forked
             leader.wait(10)
+
+
+def test_a_forked_child_does_not_inherit_the_leadership(tmp_path: Path) -> None:
+    with _standby_beside(_FORKING_LEADER, tmp_path) as (leader, standby):
+        assert not standby.is_leader
+        leader.send_signal(signal.SIGKILL)  # the forked child lives on, with a copy of the descriptor
+        leader.wait(10)
+        deadline = time.time() + 5
+        while not standby.is_leader and time.time() < deadline:
+            time.sleep(0.05)
+        assert standby.is_leader
 
 
 _LEADER = """
@@ -520,23 +527,11 @@ time.sleep(60)
 def test_a_process_joining_a_measured_machine_does_not_wait_for_hardware_detection(tmp_path: Path) -> None:
     """codecarbon's hardware detection takes a second or more; a standby needs its tracker only to take
     over, so a worker joining a machine already measured starts at once and learns its hardware later."""
-    command = [sys.executable, "-c", _LEADER, str(tmp_path)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True) as leader:
-        try:
-            assert leader.stdout is not None and leader.stdout.readline() == b"leading\n"
-            standby = MachineShareMeter(dir=tmp_path)
-            standby.start()
-            try:
-                detected_before_start_returned = standby._participant._hardware_ready.is_set()  # type: ignore[union-attr]
-                hardware = standby.hardware  # what hello sends: waits for the detection
-                reading = standby.read()
-                is_leader = standby.is_leader
-            finally:
-                standby.stop()
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(leader.pid, signal.SIGKILL)
-            leader.wait(10)
+    with _standby_beside(_LEADER, tmp_path) as (_, standby):
+        detected_before_start_returned = standby._participant._hardware_ready.is_set()  # type: ignore[union-attr]
+        hardware = standby.hardware  # what hello sends: waits for the detection
+        reading = standby.read()
+        is_leader = standby.is_leader
     assert not is_leader
     assert not detected_before_start_returned
     assert hardware.cpu_power_method is not None and hardware.cpu_count
