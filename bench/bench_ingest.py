@@ -380,12 +380,14 @@ async def _dashboard_main(args: argparse.Namespace) -> None:
         with contextlib.suppress(Exception):
             async for frame in ws:
                 now = time.time()
-                event = json.loads(frame)
-                kinds[event["type"]] += 1
-                if event["type"] == "sample":
-                    t = datetime.fromisoformat(event["data"]["t"]).timestamp()
-                    sent_at.append(t)
-                    latency.append(now - t)
+                message = json.loads(frame)
+                # The events of one committed batch come in one frame (docs/protocol.md).
+                for event in message["events"] if message["type"] == "batch" else [message]:
+                    kinds[event["type"]] += 1
+                    if event["type"] == "sample":
+                        t = datetime.fromisoformat(event["data"]["t"]).timestamp()
+                        sent_at.append(t)
+                        latency.append(now - t)
 
     task = asyncio.create_task(listen())
     _emit("ready")

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from wire import dial, open_worker, recv_json, round_msg, ws_url
+from wire import dial, events_of, open_worker, recv_json, round_msg, ws_url
 
 from traice import TraiceClient
 from traice.server import ServerThread
@@ -193,7 +193,7 @@ def test_an_emissions_rule_fires_once_alerts_and_pauses(server: ServerThread, ap
     frames = [recv_json(ws), recv_json(ws)]
     events = []
     while not any(e["type"] == "alert" for e in events):
-        events.append(recv_json(dashboard))
+        events.extend(events_of(recv_json(dashboard)))
     ws.send(json.dumps(round_msg(3, 3, energy_kwh=0.01)))
     recv_json(ws)
 

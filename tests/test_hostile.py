@@ -28,7 +28,7 @@ from websockets.sync.client import ClientConnection
 
 from traice import protocol
 from traice.server import ServerThread, create_app
-from wire import dial, hello, open_worker, recv_json, round_msg, ws_url
+from wire import dial, events_of, hello, open_worker, recv_json, round_msg, ws_url
 
 # --------------------------------------------------------------------------- REST: schemathesis
 
@@ -230,7 +230,7 @@ class Dashboard(threading.Thread):
         try:
             for frame in self.ws:
                 with self._arrived:
-                    self.events.append(json.loads(frame))
+                    self.events.extend(events_of(json.loads(frame)))
                     self._arrived.notify_all()
         except ConnectionClosed as exc:
             self.closed = exc

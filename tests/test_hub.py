@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
 from traice.protocol import Hello, Location, Sample
-from traice.server.hub import Hub
+from traice.server.hub import DashboardFeed, Hub
 from traice.store import SqlStore
 
 
@@ -36,3 +37,40 @@ def test_a_trickle_is_written_in_few_transactions_and_acknowledged_only_once_sto
     assert len(store.samples(session.run_id)) == 30
     assert all(stored >= i for i, stored in enumerate(stored_at_ack, start=1))  # each ack after its commit
     store.close()
+
+
+def test_a_dashboard_gets_a_committed_batch_in_one_frame_and_a_stalled_one_is_bounded_in_events(
+    sqlite_url: str,
+) -> None:
+    store = SqlStore(sqlite_url)
+    location = Location(country_iso_code="FRA", intensity_g_per_kwh=56.0)
+    session, _ = store.open(Hello(run="r", node_id="n1", session=uuid.uuid4().hex, location=location))
+
+    async def burst() -> list[dict[str, object]]:
+        hub = Hub(store)
+        await hub.start()
+        feed = hub.listen()
+        # cpu_w tells the samples apart in the events (which carry no seq)
+        await asyncio.gather(*[hub.submit(session, Sample(seq=n, t=time.time(), cpu_w=float(n))) for n in range(1, 51)])
+        await hub.stop()
+        frames = []
+        while not feed._frames.empty():
+            frames.append(json.loads(await feed.next()))
+        return frames
+
+    frames = asyncio.run(burst())
+    events = [e for f in frames for e in (f["events"] if f["type"] == "batch" else [f])]  # type: ignore[union-attr]
+    assert sorted(e["data"]["cpu_w"] for e in events if e["type"] == "sample") == list(range(1, 51))  # type: ignore[index]
+    assert len(frames) < 50 and any(f["type"] == "batch" for f in frames)
+
+    async def stalled() -> list[str]:
+        feed = DashboardFeed(max_events=5)
+        for name, events in (("a", 3), ("b", 3), ("c", 2), ("d", 1)):
+            feed.offer(name, events)  # b would make 6 events waiting: dropped; d makes 6 too: dropped
+        sent = [await feed.next()]
+        feed.offer("e", 3)  # a is sent: 2 waiting, room for 3
+        while not feed._frames.empty():
+            sent.append(await feed.next())
+        return sent
+
+    assert asyncio.run(stalled()) == ["a", "c", "e"]

@@ -44,7 +44,7 @@ from processes import free_port, kill_group, spawn_server, wait_answers
 from traice.server import ServerThread, create_app
 from traice.store import normalize_database_url
 from traice.store.models import clients, reports, runs
-from wire import dial, hello, recv_json, round_msg
+from wire import dial, events_of, hello, recv_json, round_msg
 
 log = logging.getLogger("test_reliability")  # phases, with times: shown when a test fails
 WORKER_SCRIPT = Path(__file__).resolve().parent / "reliability_worker.py"
@@ -323,7 +323,7 @@ class Dashboard:
         with contextlib.suppress(ConnectionClosed, OSError):
             for frame in self.ws:
                 with self._cond:
-                    self.messages.append(json.loads(frame))
+                    self.messages.extend(events_of(json.loads(frame)))
                     self._cond.notify_all()
 
     def health(self) -> list[dict[str, Any]]:

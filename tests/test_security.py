@@ -18,7 +18,7 @@ from websockets.sync.client import ClientConnection
 from processes import free_port, kill_group, start_server
 from traice import TraiceClient
 from traice.measure import Reading
-from wire import dial, hello, recv_json, round_msg
+from wire import dial, events_of, hello, recv_json, round_msg
 
 ADMIN = "admin-6f1c0e5b9d2a4e8c"
 WORKER = "worker-3b7d9f1a2c4e6a8b"
@@ -119,7 +119,7 @@ def test_the_dashboard_signs_in_with_the_admin_token(secured: tuple[str, Path]) 
         assert recv_json(worker) == {"type": "ack", "seq": 1}
         kinds = set()
         while "round" not in kinds:
-            kinds.add(recv_json(live)["type"])
+            kinds.update(e["type"] for e in events_of(recv_json(live)))
         live.close()
         worker.close()
 

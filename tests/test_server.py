@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
-from wire import dial, hello, open_worker, recv_json, round_msg, ws_url
+from wire import dashboard_events, dial, hello, open_worker, recv_json, round_msg, ws_url
 
 from traice.server import ServerThread
 
@@ -178,7 +178,7 @@ def test_the_dashboard_socket_streams_what_is_stored(server: ServerThread) -> No
 
     ws.send(json.dumps(round_msg(1, 4, accuracy=0.5)))
     ws.send(json.dumps({"type": "sample", "seq": 2, "t": 1.7e9, "cpu_w": 12.5, "ram_w": 3}))
-    events = [recv_json(dashboard) for _ in range(4)]  # run, client, round, sample
+    events = dashboard_events(dashboard, 4)  # run, client, round, sample
     ws.close()
     dashboard.close()
 

@@ -45,6 +45,19 @@ def recv_json(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
     return json.loads(ws.recv(timeout=timeout))  # type: ignore[no-any-return]
 
 
+def events_of(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events in a dashboard frame: a batch frame carries several."""
+    return frame["events"] if frame.get("type") == "batch" else [frame]  # type: ignore[no-any-return]
+
+
+def dashboard_events(ws: ClientConnection, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The next ``count`` events from a dashboard socket, batches unpacked."""
+    events: list[dict[str, Any]] = []
+    while len(events) < count:
+        events.extend(events_of(recv_json(ws, timeout)))
+    return events
+
+
 def dial(url: str, **kwargs: Any) -> ClientConnection:
     """A connected client socket (the caller closes it)."""
     return connect(url, open_timeout=10, **kwargs).__enter__()

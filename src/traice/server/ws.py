@@ -263,11 +263,11 @@ async def _dashboard(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
     limits: Limits = ws.app.state.limits
     bucket = TokenBucket(limits.max_messages_per_s, limits.burst_messages)
-    queue = hub.listen()
+    feed = hub.listen()
 
     async def pump() -> None:
         while True:
-            await ws.send_text(await queue.get())
+            await ws.send_text(await feed.next())
 
     sender = asyncio.create_task(pump())
     try:
@@ -279,7 +279,7 @@ async def _dashboard(ws: WebSocket) -> None:
                 await _refuse_socket(ws, "rate_limited", _rate_limited(limits).message)
                 return
     finally:
-        hub.unlisten(queue)
+        hub.unlisten(feed)
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender

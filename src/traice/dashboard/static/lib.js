@@ -119,7 +119,9 @@ export function connect() {
   socket.onmessage = (event) => {
     let message;
     try { message = JSON.parse(event.data); } catch { return; }
-    if (message && typeof message.type === "string") emit(message);
+    if (message && message.type === "batch" && Array.isArray(message.events)) {
+      message.events.forEach((one) => { if (one && typeof one.type === "string") emit(one); });
+    } else if (message && typeof message.type === "string") emit(message);
   };
   socket.onclose = () => {
     setLive(false, "reconnecting…");
