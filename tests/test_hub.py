@@ -6,10 +6,21 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from traice.protocol import Hello, Location, Sample
 from traice.server.hub import DashboardFeed, Hub
 from traice.store import SqlStore
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run in a thread of its own: the session's Playwright keeps an event loop in this one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def test_a_trickle_is_written_in_few_transactions_and_acknowledged_only_once_stored(sqlite_url: str) -> None:
@@ -31,7 +42,7 @@ def test_a_trickle_is_written_in_few_transactions_and_acknowledged_only_once_sto
         await hub.stop()
         return hub.batches_written
 
-    batches = asyncio.run(trickle())
+    batches = run(trickle())
 
     assert batches <= 6
     assert len(store.samples(session.run_id)) == 30
@@ -58,7 +69,7 @@ def test_a_dashboard_gets_a_committed_batch_in_one_frame_and_a_stalled_one_is_bo
             frames.append(json.loads(await feed.next()))
         return frames
 
-    frames = asyncio.run(burst())
+    frames = run(burst())
     events = [e for f in frames for e in (f["events"] if f["type"] == "batch" else [f])]  # type: ignore[union-attr]
     assert sorted(e["data"]["cpu_w"] for e in events if e["type"] == "sample") == list(range(1, 51))  # type: ignore[index]
     assert len(frames) < 50 and any(f["type"] == "batch" for f in frames)
@@ -73,4 +84,4 @@ def test_a_dashboard_gets_a_committed_batch_in_one_frame_and_a_stalled_one_is_bo
             sent.append(await feed.next())
         return sent
 
-    assert asyncio.run(stalled()) == ["a", "c", "e"]
+    assert run(stalled()) == ["a", "c", "e"]
