@@ -128,7 +128,10 @@ DUTIES = (1.0, 0.6, 0.3)  # share of each round a worker computes; it sleeps for
 def _share_worker(dir: str, index: int, duty: float, start: Any, go: Any, done: Any, out: Any) -> None:
     """One FL client: a ledger meter, plus two naive meters for contrast, read at shared boundaries."""
     logging.basicConfig(level=logging.WARNING)
-    meter = MachineShareMeter(dir=dir, sample_interval_s=1.0)
+    # Measured reads: this test is about how the machine is shared at the ledger's boundaries. An
+    # estimated read (the default) is off by up to an interval's error at each edge of a 6 s window;
+    # estimates have a test of their own.
+    meter = MachineShareMeter(dir=dir, sample_interval_s=1.0, estimate_reads=False)
     naive = Meter(tracking_mode="machine", sample_interval_s=1.0)  # what TRAICE reports today in machine mode
     process = Meter(tracking_mode="process", sample_interval_s=1.0)  # ... and in process mode
     meter.start()
@@ -536,3 +539,11 @@ def test_a_process_joining_a_measured_machine_does_not_wait_for_hardware_detecti
     assert not detected_before_start_returned
     assert hardware.cpu_power_method is not None and hardware.cpu_count
     assert reading.t > 0
+
+
+def test_traice_estimate_reads_0_makes_every_read_a_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAICE_ESTIMATE_READS", raising=False)
+    assert MachineShareMeter().estimate_reads
+    monkeypatch.setenv("TRAICE_ESTIMATE_READS", "0")
+    assert not MachineShareMeter().estimate_reads
+    assert MachineShareMeter(estimate_reads=True).estimate_reads  # an explicit choice wins

@@ -49,7 +49,7 @@ interval that ends after the request; the leader looks for requests every ``REQU
 this usually takes a few milliseconds. A round's energy then ends at the round boundary, not up to
 a second later, which matters for short rounds. If the leader does not answer in time (it was just
 killed) the read returns the last value written: at most one interval late, never lost, since the
-next read catches up. ``MachineShareMeter(estimate_reads=False)`` always asks. Request files rather than the mtime of one file: mtime is jiffy-granular on
+next read catches up. ``MachineShareMeter(estimate_reads=False)`` (or ``TRAICE_ESTIMATE_READS=0``) always asks. Request files rather than the mtime of one file: mtime is jiffy-granular on
 tmpfs, two requests a few ms apart could look like one.
 
 The leader's work per interval is O(registered processes): one ``listdir``, two ``/proc`` reads
@@ -1046,9 +1046,11 @@ class MachineShareMeter(SampleFeed):
         sample_interval_s: float = 5.0,
         dir: str | os.PathLike[str] | None = None,
         flush_timeout_s: float = 1.5,
-        estimate_reads: bool = True,
+        estimate_reads: bool | None = None,
     ) -> None:
         self.country_iso_code = country_iso_code
+        if estimate_reads is None:  # TRAICE_ESTIMATE_READS=0: measure at every read (exact rounds, slower)
+            estimate_reads = os.environ.get("TRAICE_ESTIMATE_READS", "1").strip().lower() not in ("0", "false", "no")
         self.estimate_reads = estimate_reads
         self.sample_interval_s = sample_interval_s
         self.dir = Path(dir) if dir is not None else default_dir()
