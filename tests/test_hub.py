@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from traice.protocol import Hello, Location, Sample
-from traice.server import hub as hub_module
-from traice.server.hub import DashboardFeed, Hub
+from traice.server.hub import LINGER_S, DashboardFeed, Hub
 from traice.store import SqlStore
+from wire import events_of
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ def test_a_trickle_is_written_in_few_transactions_and_acknowledged_only_once_sto
     batches, spread_s = run(trickle())
 
     # Each transaction gathers at least LINGER_S of arrivals, however slowly this machine ran the loop.
-    assert batches <= spread_s / hub_module.LINGER_S + 2
+    assert batches <= spread_s / LINGER_S + 2
     assert batches < 30
     assert len(store.samples(session.run_id)) == 30
     assert all(stored >= i for i, stored in enumerate(stored_at_ack, start=1))  # each ack after its commit
@@ -62,7 +62,7 @@ def test_a_dashboard_gets_a_committed_batch_in_one_frame_and_a_stalled_one_is_bo
     location = Location(country_iso_code="FRA", intensity_g_per_kwh=56.0)
     session, _ = store.open(Hello(run="r", node_id="n1", session=uuid.uuid4().hex, location=location))
 
-    async def burst() -> list[dict[str, object]]:
+    async def burst() -> list[dict[str, Any]]:
         hub = Hub(store)
         await hub.start()
         feed = hub.listen()
@@ -75,8 +75,8 @@ def test_a_dashboard_gets_a_committed_batch_in_one_frame_and_a_stalled_one_is_bo
         return frames
 
     frames = run(burst())
-    events = [e for f in frames for e in (f["events"] if f["type"] == "batch" else [f])]  # type: ignore[union-attr]
-    assert sorted(e["data"]["cpu_w"] for e in events if e["type"] == "sample") == list(range(1, 51))  # type: ignore[index]
+    events = [e for f in frames for e in events_of(f)]
+    assert sorted(e["data"]["cpu_w"] for e in events if e["type"] == "sample") == list(range(1, 51))
     assert len(frames) < 50 and any(f["type"] == "batch" for f in frames)
 
     async def stalled() -> list[str]:
