@@ -95,7 +95,7 @@ def test_the_server_charges_each_interval_at_its_hours(tmp_path: Path) -> None:
 
 
 CROSS_CHECK = """
-import json, sys, time
+import json, os, sys, time
 from codecarbon import OfflineEmissionsTracker
 from traice import TraiceClient
 from traice.measure import Meter
@@ -111,15 +111,22 @@ with client.round(1) as r:
     # A known load: one core busy for 16 s. codecarbon averages power over samples about a
     # second apart, so each tracker may be off by up to a second's worth at each boundary:
     # long enough that those seconds stay within the tolerance.
+    cpu_before = sum(os.times()[:2])
     end = time.perf_counter() + 16.0
     while time.perf_counter() < end:
         pass
+    cpu_s = sum(os.times()[:2]) - cpu_before
     theirs = reference.stop_task("round-1")
     r.report(accuracy=0.5)
 reference.stop()
 client.stop()
 meter.stop()
-print(json.dumps({"duration": theirs.duration, "cpu_energy": theirs.cpu_energy, "ram_energy": theirs.ram_energy}))
+# codecarbon's process-mode CPU model (TDP x this process's share of the cores), over the CPU seconds
+# the load took: its own formula, without its sampling. The task's cpu_energy wobbles by up to 45 %
+# for this same load here (codecarbon 3.3.2, alone in a process: 2.06-2.98e-05 kWh in three runs).
+cpu = next(h for h in reference._hardware if type(h).__name__ == "CPU")
+cpu_model_kwh = cpu._tdp * cpu_s / cpu._cpu_count / 3.6e6
+print(json.dumps({"duration": theirs.duration, "cpu_model_energy": cpu_model_kwh, "ram_energy": theirs.ram_energy}))
 """
 
 
@@ -133,7 +140,7 @@ def test_energy_matches_codecarbons_own_figure_for_a_known_load(server: ServerTh
 
     (stored,) = httpx.get(f"{server.url}/api/runs/1/rounds").json()
     assert stored["duration_s"] == pytest.approx(theirs["duration"], abs=0.5)
-    assert stored["cpu_energy_kwh"] == pytest.approx(theirs["cpu_energy"], rel=0.2)
+    assert stored["cpu_energy_kwh"] == pytest.approx(theirs["cpu_model_energy"], rel=0.2)
     # RAM draws constant power: compare watts, as the two intervals differ by a few milliseconds.
     ours_ram_w = stored["ram_energy_kwh"] * 3.6e6 / stored["duration_s"]
     assert ours_ram_w == pytest.approx(theirs["ram_energy"] * 3.6e6 / theirs["duration"], rel=0.1)
